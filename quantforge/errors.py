@@ -1,0 +1,90 @@
+"""Every error quantforge raises on purpose. The CLI maps each type to one line and an exit code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class QuantforgeError(Exception):
+    """Base of all quantforge errors."""
+
+    exit_code = 1
+    hint: str | None = None
+
+
+class BadInputError(QuantforgeError, ValueError):
+    """The user's input (targets file, CLI arguments, a source) is wrong: exit code 2."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a targets file, located by file, line and key path."""
+
+    file: str
+    line: int | None
+    key_path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        key = f" {self.key_path}:" if self.key_path else ""
+        return f"{where}:{key} {self.message}"
+
+
+class ConfigError(BadInputError):
+    """The targets file is invalid; carries every issue found, not just the first."""
+
+    def __init__(self, issues: list[ConfigIssue]):
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+class SourceError(BadInputError):
+    """A source model cannot be found or resolved (missing folder, unknown repo or revision)."""
+
+
+class ToolchainError(QuantforgeError):
+    """An external tool (llama.cpp converter, libllama) is missing or failed to start."""
+
+
+class ConversionError(QuantforgeError):
+    """The converter refused or failed on a model (unknown tokenizer, unsupported architecture, ...)."""
+
+    def __init__(self, message: str, *, log_path: str | None = None, hint: str | None = None):
+        self.log_path = log_path
+        self.hint = hint
+        super().__init__(message)
+
+
+class VerificationError(QuantforgeError):
+    """An artifact failed the check by its real consumer (it does not load, or produces garbage)."""
+
+
+class StepFailed(QuantforgeError):
+    """A step raised; wraps the cause with the step's label and log file."""
+
+    def __init__(self, label: str, cause: BaseException, log_path: str | None):
+        self.label = label
+        self.cause = cause
+        self.log_path = log_path
+        super().__init__(f"{label}: {cause}")
+
+
+class BuildFailed(QuantforgeError):
+    """One or more steps failed; lists every failure."""
+
+    def __init__(self, failures: list[StepFailed]):
+        self.failures = failures
+        super().__init__("; ".join(str(f) for f in failures))
+
+
+class WorkDirLocked(QuantforgeError):
+    """Another quantforge process holds the work directory."""
+
+    exit_code = 3
+
+
+class PublishError(QuantforgeError):
+    """Publishing an artifact failed."""
