@@ -1,0 +1,163 @@
+"""The `quantforge` command. Thin: parse, call the library, print. Library errors become one line + exit code:
+0 ok, 1 build or check failure, 2 bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import ConfigError, QuantforgeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Declarative quantization builds: targets.yaml in, verified GGUF files out.")
+
+TargetsArg = Annotated[Path, typer.Argument(help="The targets file (targets.yaml).", show_default=False)]
+WorkDirOpt = Annotated[Path, typer.Option("--work-dir", help="Where step outputs, logs and reports live.")]
+OnlyOpt = Annotated[str | None, typer.Option("--only", help="Restrict to MODEL or MODEL/FORMAT.",
+                                              metavar="MODEL[/FORMAT]")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+OfflineOpt = Annotated[bool, typer.Option("--offline", help="Resolve Hub revisions from the local HF cache only.")]
+LlamaCppOpt = Annotated[str | None, typer.Option(
+    "--llama-cpp", help="Use this llama.cpp checkout's converter instead of the one matching llama-cpp-python "
+                        "(also: QUANTFORGE_LLAMA_CPP_DIR).", metavar="DIR")]
+DEFAULT_WORK_DIR = Path(".quantforge")
+
+
+def _fail(exc: QuantforgeError) -> typer.Exit:
+    err = typer.echo
+    if isinstance(exc, ConfigError):
+        for issue in exc.issues:
+            err(f"error: {issue}", err=True)
+    else:
+        err(f"error: {exc}", err=True)
+    hint = getattr(exc, "hint", None)
+    if hint:
+        err(f"hint: {hint}", err=True)
+    return typer.Exit(exc.exit_code)
+
+
+def _plan(targets_file: Path, work_dir: Path, only: str | None, offline: bool, llama_cpp: str | None):
+    from .config import load_targets
+    from .plan import PlanContext, build_plan
+    from .store import WorkDir
+
+    targets = load_targets(targets_file)
+    work = WorkDir(work_dir)
+    context = PlanContext(work=work, offline=offline, llama_cpp_dir=llama_cpp)
+    return build_plan(targets, context).select(only), work
+
+
+@app.command()
+def validate(targets_file: TargetsArg) -> None:
+    """Check a targets file; print every problem with its file, line and key."""
+    from .config import load_targets
+
+    try:
+        targets = load_targets(targets_file)
+    except QuantforgeError as exc:
+        raise _fail(exc) from None
+    n = sum(len(getattr(m.formats, f).types) for m in targets.models for f in m.formats.enabled())
+    typer.echo(f"{targets_file}: ok ({len(targets.models)} models, {n} artifacts)")
+
+
+@app.command()
+def plan(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only: OnlyOpt = None,
+         json_output: JsonOpt = False, offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None) -> None:
+    """Show every step and whether it is up to date, and why not."""
+    from .engine import must_run
+
+    try:
+        the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp)
+        todo = must_run(the_plan, work)
+    except QuantforgeError as exc:
+        raise _fail(exc) from None
+    rows = [{"label": s.label, "kind": s.kind, "key": s.key,
+             "status": "stale" if s.label in todo else "up-to-date", "reasons": todo.get(s.label, [])}
+            for s in the_plan.steps]
+    if json_output:
+        typer.echo(json.dumps({"steps": rows}, indent=2))
+        return
+    for row in rows:
+        why = f"  ({'; '.join(row['reasons'])})" if row["reasons"] else ""
+        typer.echo(f"{row['status']:<10} {row['label']}{why}")
+    typer.echo(f"{len(todo)} of {len(rows)} steps to run")
+
+
+@app.command()
+def build(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only: OnlyOpt = None,
+          keep_going: Annotated[bool, typer.Option("--keep-going", help="After a failure, go on with the steps "
+                                                   "that do not depend on it.")] = False,
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would run; run nothing.")] = False,
+          threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for llama.cpp "
+                                                      "(default: all).")] = None,
+          json_output: JsonOpt = False, offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None) -> None:
+    """Build every stale artifact, verify it, and publish it."""
+    from . import report as report_mod
+    from .console import make_reporter
+    from .engine import BuildOptions, run_plan
+
+    try:
+        the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp)
+        options = BuildOptions(keep_going=keep_going, dry_run=dry_run, threads=threads, llama_cpp_dir=llama_cpp)
+        result = run_plan(the_plan, work, options, make_reporter(json_output))
+    except QuantforgeError as exc:
+        raise _fail(exc) from None
+    path = report_mod.save(result, work)
+    data = result.to_json()
+    if json_output:
+        typer.echo(json.dumps({**data, "report": str(path)}, indent=2))
+    else:
+        _print_summary(data, path)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+def _print_summary(data: dict, report_path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .report import artifact_rows
+
+    console = Console(stderr=True, highlight=False)
+    rows = artifact_rows(data)
+    if rows:
+        table = Table(title=None, box=None, pad_edge=False)
+        for col in ("artifact", "size MB", "bits/w", "fallbacks", "verified", "llama.cpp says"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["artifact"], str(r["size_mb"]), str(r["bpw"]), str(r["fallbacks"]), r["status"],
+                          repr((r["sample"] or "")[:40]))
+        console.print(table)
+    for step in data["steps"]:
+        if step["kind"] == "publish" and step["status"] in ("built", "reused"):
+            console.print(f"published {step['data'].get('repo_id')} -> {step['data'].get('location')}")
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(data["counts"].items()))
+    verdict = "ok" if data["ok"] else "FAILED"
+    console.print(f"{verdict}: {counts} in {data['seconds']:.1f} s; report {report_path}")
+
+
+@app.command()
+def doctor(json_output: JsonOpt = False, llama_cpp: LlamaCppOpt = None) -> None:
+    """Report the toolchain: versions, llama.cpp converter, GPU."""
+    from .doctor import collect
+
+    info = collect(llama_cpp)
+    if json_output:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            typer.echo(f"{key:<22} {value}")
+    raise typer.Exit(0 if info.get("problems") in (None, "none") else 1)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

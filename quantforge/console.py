@@ -1,0 +1,92 @@
+"""How a build shows itself: a rich progress bar on a terminal, plain lines in CI logs, nothing but failures
+under --json (whose stdout is the report)."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from .engine import StepResult
+from .plan import Step
+
+_MARKS = {"built": "✓", "reused": "·", "up-to-date": "·", "would-build": "→", "failed": "✗", "skipped": "-",
+          "not-run": "-"}
+
+
+def _describe(result: StepResult) -> str:
+    text = f"{_MARKS.get(result.status, '?')} {result.status:<11} {result.label}"
+    if result.status == "built":
+        text += f" ({result.seconds:.1f} s)"
+    if result.status in ("would-build", "skipped", "not-run") and result.reasons:
+        text += f"  [{'; '.join(result.reasons)}]"
+    if result.status == "failed":
+        text += f"\n    {result.error}"
+        if result.hint:
+            text += f"\n    hint: {result.hint}"
+        if result.log:
+            text += f"\n    log: {result.log}"
+    return text
+
+
+class PlainReporter:
+    """One line per step that did something (and one per failure) — for CI logs."""
+
+    def __init__(self, stream: TextIO | None = None, only_failures: bool = False):
+        self.stream = stream or sys.stderr
+        self.only_failures = only_failures
+        self.done = 0
+        self.total = 0
+
+    def begin(self, total: int, dry_run: bool) -> None:
+        self.total = total
+
+    def step_started(self, step: Step, reasons: list[str]) -> None:
+        if not self.only_failures:
+            print(f"[{self.done + 1}/{self.total}] running {step.label}: {'; '.join(reasons)}",
+                  file=self.stream, flush=True)
+
+    def step_finished(self, result: StepResult) -> None:
+        self.done += 1
+        if result.status == "failed" or (not self.only_failures and result.status != "reused"):
+            print(f"[{self.done}/{self.total}] {_describe(result)}", file=self.stream, flush=True)
+
+    def end(self) -> None:
+        pass
+
+
+class RichReporter:
+    """A progress bar with the running step; finished steps scroll above it."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+        self.task = None
+
+    def begin(self, total: int, dry_run: bool) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("planning", total=total)
+
+    def step_started(self, step: Step, reasons: list[str]) -> None:
+        self.progress.update(self.task, description=f"{step.label}")
+
+    def step_finished(self, result: StepResult) -> None:
+        if result.status != "reused":
+            style = {"failed": "red", "built": "green", "would-build": "yellow"}.get(result.status, "dim")
+            self.console.print(_describe(result), style=style, highlight=False)
+        self.progress.advance(self.task)
+
+    def end(self) -> None:
+        self.progress.stop()
+
+
+def make_reporter(json_output: bool) -> PlainReporter | RichReporter:
+    err = Console(stderr=True)
+    if json_output:
+        return PlainReporter(only_failures=True)
+    if err.is_terminal:
+        return RichReporter(err)
+    return PlainReporter()

@@ -1,0 +1,109 @@
+"""Publishing verified artifacts. One publisher per destination kind, chosen by `publish.to`:
+
+    dir:PATH   a folder laid out like Hub repos: PATH/<namespace>/<repo>/...   (publish/localdir.py)
+
+A publisher gets the repo id and the files (name -> local path, with sha256) and makes the destination hold
+exactly those bytes, skipping files already there with the same hash.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .. import __version__
+from ..config import ModelTarget, Targets
+from ..plan import Step
+
+if TYPE_CHECKING:
+    from ..engine import StepContext
+
+REPO_MANIFEST = "quantforge.json"
+
+
+class Publisher(Protocol):
+    def publish(self, repo_id: str, files: dict[str, tuple[Path, str]], *, private: bool,
+                message: str) -> dict[str, Any]:
+        """Make the repo hold `files` (name -> (path, sha256)); return what was uploaded and what was kept."""
+        ...
+
+    def missing(self, repo_id: str, files: dict[str, str]) -> list[str]:
+        """Names of `files` (name -> sha256) the destination does not hold with that hash."""
+        ...
+
+
+def publisher_for(to: str) -> Publisher:
+    kind, _, where = to.partition(":")
+    if kind == "dir":
+        from .localdir import LocalDirPublisher
+
+        return LocalDirPublisher(Path(where))
+    raise ValueError(f"unknown publisher {to!r}")  # the schema rejects these first
+
+
+def publish_step(model: ModelTarget, fmt: str, publishable: dict[str, tuple[Step, Step]], source: Step,
+                 targets: Targets) -> Step:
+    to = model.publish.to
+    if to.startswith("dir:"):
+        to = f"dir:{targets.resolve_path(to[4:])}"
+    inputs: dict[str, Step] = {}
+    for name, (artifact, check) in publishable.items():
+        inputs[f"artifact:{name}"] = artifact
+        inputs[f"check:{name}"] = check
+    inputs["source"] = source
+    return Step(kind="publish", label=f"{model.name}/{fmt}:publish",
+                params={"to": to, "repo_id": f"{model.publish.namespace}/{model.publish.repo_name(model.name, fmt)}",
+                        "private": model.publish.private, "format": fmt},
+                inputs=inputs, model=model.name, fmt=fmt)
+
+
+def _artifact_files(ctx: StepContext) -> dict[str, tuple[Path, str]]:
+    files: dict[str, tuple[Path, str]] = {}
+    for role, out in ctx.inputs.items():
+        if role.startswith("artifact:"):
+            name = out.data["file"]
+            files[name] = (out.file(name), out.files()[name]["sha256"])
+    return files
+
+
+def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
+    import json
+
+    source = ctx.inputs["source"]
+    artifacts = {}
+    for role, out in ctx.inputs.items():
+        if role.startswith("artifact:"):
+            name = role.split(":", 1)[1]
+            artifacts[name] = {"artifact": out.data, "check": ctx.inputs[f"check:{name}"].data,
+                               "sha256": out.files()[out.data["file"]]["sha256"]}
+    for entry in artifacts.values():
+        entry["artifact"] = {k: v for k, v in entry["artifact"].items() if k != "tensor_types"}
+    manifest = {
+        "quantforge": __version__,
+        "model": step.model,
+        "format": step.params["format"],
+        "source": {k: source.manifest["params"].get(k) for k in ("source", "commit", "digest")
+                   if source.manifest["params"].get(k)},
+        "artifacts": artifacts,
+    }
+    manifest_file = ctx.out_dir / REPO_MANIFEST
+    manifest_file.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    from ..store import sha256_file
+
+    files = {**_artifact_files(ctx), REPO_MANIFEST: (manifest_file, sha256_file(manifest_file))}
+    publisher = publisher_for(step.params["to"])
+    commit = source.manifest["params"].get("commit") or source.manifest["params"].get("digest", "")
+    result = publisher.publish(step.params["repo_id"], files, private=step.params["private"],
+                               message=f"quantforge {__version__}: {step.params['format']} of {step.model} "
+                                       f"@ {commit[:12]}")
+    return {"repo_id": step.params["repo_id"], "to": step.params["to"],
+            "files": {name: sha for name, (_, sha) in files.items()}, **result}
+
+
+def check_published(step: Step, manifest: dict[str, Any]) -> str | None:
+    files = manifest.get("data", {}).get("files", {})
+    try:
+        missing = publisher_for(step.params["to"]).missing(step.params["repo_id"], files)
+    except OSError as exc:
+        return f"cannot check the published copy: {exc}"
+    return f"published copy changed or missing: {', '.join(missing)}" if missing else None

@@ -1,0 +1,162 @@
+"""Source models: a local checkpoint folder, or a Hub repo at a revision resolved to a commit sha.
+
+A Hub revision (branch or tag) is resolved to its commit at plan time, so a new upstream commit makes the
+dependent steps stale and an unchanged one does not. A local folder is identified by a digest of its files'
+contents (hashes are memoized by size and mtime, so an unchanged 15 GB folder is not re-read every plan).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import ModelTarget, Targets, is_local_source
+from .errors import SourceError
+from .plan import PlanContext, Step
+from .store import canonical_json, sha256_file, write_json_atomic
+
+if TYPE_CHECKING:
+    from .engine import StepContext
+
+# What a conversion or quantization needs: weights as safetensors, configs, tokenizer files, chat templates.
+DEFAULT_ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja",
+                          "README.md", "LICENSE*"]
+REMOTE_CODE_PATTERNS = ["*.py"]
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+def allow_patterns(model: ModelTarget) -> list[str]:
+    patterns = list(model.allow_patterns or DEFAULT_ALLOW_PATTERNS)
+    if model.trust_remote_code:
+        patterns += [p for p in REMOTE_CODE_PATTERNS if p not in patterns]
+    return patterns
+
+
+def source_step(model: ModelTarget, targets: Targets, context: PlanContext) -> Step:
+    patterns = allow_patterns(model)
+    if is_local_source(model.source):
+        folder = targets.resolve_path(model.source)
+        digest = context.memo(f"local:{folder}", lambda: local_digest(folder, patterns, context.work.root))
+        params: dict[str, Any] = {"source": str(folder), "digest": digest}
+    else:
+        commit = context.memo(f"hub:{model.source}@{model.revision}",
+                              lambda: resolve_hub_revision(model.source, model.revision, offline=context.offline))
+        params = {"source": model.source, "commit": commit, "allow_patterns": patterns}
+    return Step(kind="source", label=f"{model.name}:source", params=params, model=model.name)
+
+
+def local_digest(folder: Path, patterns: list[str], work_root: Path) -> str:
+    if not folder.is_dir():
+        raise SourceError(f"source folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        raise SourceError(f"source folder {folder} has no config.json: not a Hugging Face checkpoint")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and _matches(p.relative_to(folder), patterns))
+    memo_path = work_root / "state" / "file-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    entries = []
+    for path in files:
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+        cached = memo.get(str(path))
+        if not cached or cached[:2] != stamp:
+            cached = [*stamp, sha256_file(path)]
+            memo[str(path)] = cached
+        entries.append([str(path.relative_to(folder)), cached[2]])
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(memo_path, memo)
+    return hashlib.sha256(canonical_json(entries).encode()).hexdigest()
+
+
+def _matches(rel: Path, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(rel.as_posix(), p) or fnmatch.fnmatch(rel.name, p) for p in patterns)
+
+
+def resolve_hub_revision(repo_id: str, revision: str, *, offline: bool = False) -> str:
+    """Branch, tag or sha -> the commit sha, from the Hub (or the local HF cache when offline)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    if offline:
+        if _SHA_RE.match(revision):
+            return revision
+        return _cached_ref(repo_id, revision)
+    try:
+        info = HfApi().model_info(repo_id, revision=revision)
+    except GatedRepoError:
+        raise SourceError(f"{repo_id} is gated: accept its licence on the Hub and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise SourceError(f"{repo_id}: no such model repo (or it is private and no token was given)") from None
+    except RevisionNotFoundError:
+        raise SourceError(f"{repo_id}: no revision {revision!r}") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise SourceError(f"{repo_id}@{revision}: cannot reach the Hub to resolve the revision ({exc}); "
+                          "use --offline to build from the local Hugging Face cache") from None
+    if not info.sha:
+        raise SourceError(f"{repo_id}@{revision}: the Hub returned no commit sha")
+    return info.sha
+
+
+def _cached_ref(repo_id: str, revision: str) -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    ref = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / revision
+    try:
+        return ref.read_text().strip()
+    except OSError:
+        raise SourceError(f"{repo_id}@{revision}: offline, and the local Hugging Face cache has no such "
+                          "revision; run once online or pin the commit sha") from None
+
+
+def run_fetch(step: Step, ctx: StepContext) -> dict[str, Any]:
+    """The source step's work: make the checkpoint available locally and describe it."""
+    params = step.params
+    if "digest" in params:
+        path = Path(params["source"])
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            # into the shared HF cache: resumable, deduplicated, and not copied into the work dir
+            path = Path(snapshot_download(params["source"], revision=params["commit"],
+                                          allow_patterns=params["allow_patterns"]))
+        except Exception as exc:  # huggingface_hub raises many types; all mean the same here
+            raise SourceError(f"{params['source']}@{params['commit'][:12]}: download failed: {exc}") from exc
+        if not any(path.glob("*.safetensors")):
+            raise SourceError(f"{params['source']} has no *.safetensors weights; add the weight files' pattern "
+                              "to allow_patterns if it ships only .bin files")
+    return {"path": str(path), **describe_checkpoint(path)}
+
+
+def describe_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{path}/config.json: cannot read ({exc})") from None
+    return {
+        "architectures": config.get("architectures") or [],
+        "model_type": config.get("model_type"),
+        "has_chat_template": _has_chat_template(path),
+    }
+
+
+def _has_chat_template(path: Path) -> bool:
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((path / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False

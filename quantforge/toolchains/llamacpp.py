@@ -1,0 +1,263 @@
+"""Adapter to llama.cpp: its reference converter (convert_hf_to_gguf.py) and libllama via llama-cpp-python.
+
+The installed llama-cpp-python wheel has no converter, so we provision the one from the *same* version's sdist
+(converter and quantizer in lockstep), cached per version. A user's own llama.cpp checkout can be used instead
+(`--llama-cpp DIR` or QUANTFORGE_LLAMA_CPP_DIR); its git commit then becomes the converter's version.
+
+libllama work (quantize, load-and-generate) runs in a child process (`llamacpp_worker`): its C-level log goes
+to the step's log file, and a crash in native code fails one step instead of the build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConversionError, ToolchainError, VerificationError
+
+PACKAGE = "llama-cpp-python"
+_CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/", "LICENSE")
+
+
+def llama_cpp_version() -> str:
+    try:
+        return metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise ToolchainError(f"{PACKAGE} is not installed; run the README's set-up command") from None
+
+
+def cache_root() -> Path:
+    base = os.environ.get("QUANTFORGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "quantforge")
+    return Path(base)
+
+
+def user_checkout(explicit: str | None = None) -> Path | None:
+    value = explicit or os.environ.get("QUANTFORGE_LLAMA_CPP_DIR")
+    return Path(value).expanduser().resolve() if value else None
+
+
+@dataclass(frozen=True)
+class Converter:
+    root: Path  # a folder holding convert_hf_to_gguf.py, conversion/ and gguf-py/
+    version: str
+
+    @property
+    def script(self) -> Path:
+        return self.root / "convert_hf_to_gguf.py"
+
+    @property
+    def vocab_dir(self) -> Path:
+        """llama.cpp's vocab-only GGUFs and tokenizer test vectors (used by tests and fixtures)."""
+        return self.root / "models"
+
+
+def converter_version(explicit_dir: str | None = None) -> str:
+    """The converter's identity for cache keys, without provisioning it."""
+    checkout = user_checkout(explicit_dir)
+    if checkout is None:
+        return f"{PACKAGE}=={llama_cpp_version()}"
+    return f"checkout:{_checkout_revision(checkout)}"
+
+
+def _checkout_revision(checkout: Path) -> str:
+    script = checkout / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise ToolchainError(f"{checkout} is not a llama.cpp checkout (no convert_hf_to_gguf.py)")
+    try:
+        sha = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--", "convert_hf_to_gguf.py",
+                                "conversion", "gguf-py"], capture_output=True, text=True, check=True).stdout
+        if not dirty:
+            return sha
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    # not a git checkout, or local edits: identify by the converter's own files
+    h = hashlib.sha256()
+    for path in sorted([script, *checkout.glob("conversion/*.py"), *checkout.glob("gguf-py/gguf/*.py")]):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return f"files-{h.hexdigest()[:16]}"
+
+
+def provision_converter(explicit_dir: str | None = None) -> Converter:
+    """The converter to use: the user's checkout, or the cached one for the installed llama-cpp-python."""
+    checkout = user_checkout(explicit_dir)
+    if checkout is not None:
+        return Converter(checkout, converter_version(explicit_dir))
+    version = llama_cpp_version()
+    target = cache_root() / f"llama.cpp-{version}"
+    if (target / ".complete").is_file():
+        return Converter(target, converter_version())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".provision-") as tmp:
+        sdist = _download_sdist(version, Path(tmp))
+        staged = Path(tmp) / "llama.cpp"
+        _extract_converter(sdist, staged)
+        (staged / ".complete").write_text(f"{PACKAGE}=={version}\n")
+        try:
+            os.replace(staged, target)
+        except OSError:
+            if not (target / ".complete").is_file():  # a concurrent provisioner won the race otherwise
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(staged, target)
+    return Converter(target, converter_version())
+
+
+def _download_sdist(version: str, into: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+           "--quiet", "-d", str(into), f"{PACKAGE}=={version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
+    if proc.returncode != 0 or not found:
+        raise ToolchainError(f"could not download the {PACKAGE} {version} source to get llama.cpp's converter: "
+                             f"{proc.stderr.strip()[-500:]}; or point --llama-cpp at a llama.cpp checkout")
+    return found[0]
+
+
+def _extract_converter(sdist: Path, dest: Path) -> None:
+    with tarfile.open(sdist) as tar:
+        prefix = None
+        members = []
+        for member in tar.getmembers():
+            parts = member.name.split("/", 3)
+            if len(parts) >= 4 and parts[1:3] == ["vendor", "llama.cpp"]:
+                prefix = "/".join(parts[:3]) + "/"
+                rel = parts[3]
+                if any(rel == m or (m.endswith("/") and rel.startswith(m)) for m in _CONVERTER_MEMBERS):
+                    member.name = rel
+                    members.append(member)
+        if prefix is None or not any(m.name == "convert_hf_to_gguf.py" for m in members):
+            raise ToolchainError(f"{sdist.name} has no vendor/llama.cpp/convert_hf_to_gguf.py")
+        tar.extractall(dest, members=members, filter="data")
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+
+_UNKNOWN_PRE = re.compile(r"BPE pre-tokenizer was not recognized")
+_CHKHSH = re.compile(r"chkhsh:\s*([0-9a-f]{64})")
+_UNSUPPORTED_ARCH = re.compile(r"Model (\S+) is not supported|Architecture '([^']+)' not supported")
+
+
+def convert(converter: Converter, source_dir: Path, out_file: Path, outtype: str, log_path: Path,
+            model_name: str) -> None:
+    """HF checkpoint -> full-precision GGUF with llama.cpp's reference converter."""
+    cmd = [sys.executable, str(converter.script), str(source_dir), "--outfile", str(out_file), "--outtype", outtype]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("NO_LOCAL_GGUF", None)  # the converter must use its own gguf-py, not the PyPI one
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=converter.root, env=env)
+    if proc.returncode == 0 and out_file.is_file():
+        return
+    raise _conversion_error(log_path.read_text(encoding="utf-8", errors="replace"), model_name, str(log_path))
+
+
+def _conversion_error(log: str, model_name: str, log_path: str) -> ConversionError:
+    if _UNKNOWN_PRE.search(log):
+        h = _CHKHSH.search(log)
+        return ConversionError(
+            f"{model_name}: llama.cpp's converter does not recognize this tokenizer's BPE pre-tokenizer"
+            + (f" (chkhsh {h.group(1)[:16]}…)" if h else ""),
+            log_path=log_path,
+            hint="the tokenizer is not in convert_hf_to_gguf_update.py; use a llama.cpp checkout that knows it "
+                 "(--llama-cpp DIR), or check that tokenizer.json matches the base model's",
+        )
+    arch = _UNSUPPORTED_ARCH.search(log)
+    if arch:
+        name = arch.group(1) or arch.group(2)
+        return ConversionError(f"{model_name}: llama.cpp's converter does not support architecture {name}",
+                               log_path=log_path,
+                               hint="a newer llama.cpp may (--llama-cpp DIR pointing at a recent checkout)")
+    tail = [ln for ln in log.strip().splitlines() if ln.strip()][-1:] or ["no output"]
+    return ConversionError(f"{model_name}: conversion to GGUF failed: {tail[0][:300]}", log_path=log_path)
+
+
+# ---------------------------------------------------------------------------------------------- libllama
+
+_FALLBACK = re.compile(
+    r"warning:\s+(?P<tensor>\S+)\s+- ncols\s+(?P<ncols>\d+) not divisible by\s+(?P<block>\d+) "
+    r"\(required for type\s+(?P<wanted>\S+)\)\s+(?:\(WARNING: [^)]*\)\s+)?-> falling back to\s+(?P<used>\S+)")
+
+
+def _run_worker(args: list[str], log_path: Path, result_file: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "quantforge.toolchains.llamacpp_worker", *args, "--result", str(result_file)]
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        result = json.loads(result_file.read_text())
+    except (OSError, ValueError):
+        result = {"ok": False, "error": f"libllama worker exited with code {proc.returncode} and no result"}
+    finally:
+        result_file.unlink(missing_ok=True)
+    return result
+
+
+def quantize(in_file: Path, out_file: Path, gguf_type: str, log_path: Path, threads: int | None = None) -> dict:
+    """Quantize with libllama's llama_model_quantize; returns what llama.cpp did (fallbacks included)."""
+    start = log_path.stat().st_size if log_path.exists() else 0
+    result = _run_worker(["quantize", str(in_file), str(out_file), gguf_type, "--threads", str(threads or 0)],
+                         log_path, out_file.with_suffix(".result.json"))
+    if not result.get("ok") or not out_file.is_file():
+        raise ToolchainError(f"llama.cpp quantization to {gguf_type} failed: {result.get('error', 'unknown')}")
+    with open(log_path, encoding="utf-8", errors="replace") as log:
+        log.seek(start)
+        text = log.read()
+    result["fallbacks"] = [m.groupdict() for m in _FALLBACK.finditer(text)]
+    return result
+
+
+def load_and_generate(gguf_file: Path, prompt: str, n_tokens: int, log_path: Path) -> dict[str, Any]:
+    """Check by the real consumer: llama.cpp loads the file and greedily generates a few tokens."""
+    result = _run_worker(["generate", str(gguf_file), "--prompt", prompt, "--tokens", str(n_tokens)],
+                         log_path, gguf_file.with_name(gguf_file.name + ".verify.json"))
+    if not result.get("ok"):
+        raise VerificationError(f"llama.cpp could not run {gguf_file.name}: {result.get('error', 'unknown')}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- reading GGUF
+
+def describe_gguf(path: Path) -> dict[str, Any]:
+    """Per-tensor types and the metadata a card needs, read with gguf-py (no libllama)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    tensor_types = {t.name: t.tensor_type.name for t in reader.tensors}
+    counts: dict[str, int] = {}
+    for name in tensor_types.values():
+        counts[name] = counts.get(name, 0) + 1
+    n_params = sum(int(t.n_elements) for t in reader.tensors)
+    fields = reader.fields
+
+    def field_str(key: str) -> str | None:
+        f = fields.get(key)
+        if f is None or not f.data:
+            return None
+        return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
+
+    return {
+        "architecture": field_str("general.architecture"),
+        "tokenizer_pre": field_str("tokenizer.ggml.pre"),
+        "tokenizer_model": field_str("tokenizer.ggml.model"),
+        "has_chat_template": "tokenizer.chat_template" in fields,
+        "n_params": n_params,
+        "tensor_type_counts": dict(sorted(counts.items())),
+        "tensor_types": tensor_types,
+        "bits_per_weight": round(path.stat().st_size * 8 / n_params, 3) if n_params else None,
+    }
