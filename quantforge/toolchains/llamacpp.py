@@ -234,28 +234,21 @@ def load_and_generate(gguf_file: Path, prompt: str, n_tokens: int, log_path: Pat
 # ---------------------------------------------------------------------------------------------- reading GGUF
 
 def describe_gguf(path: Path) -> dict[str, Any]:
-    """Per-tensor types and the metadata a card needs, read with gguf-py (no libllama)."""
-    from gguf import GGUFReader
+    """Per-tensor types and the metadata a card needs, read from the header (no libllama)."""
+    from .gguf_header import read_header
 
-    reader = GGUFReader(str(path))
-    tensor_types = {t.name: t.tensor_type.name for t in reader.tensors}
+    header = read_header(path)
+    tensor_types = {t.name: t.type_name for t in header.tensors}
     counts: dict[str, int] = {}
     for name in tensor_types.values():
         counts[name] = counts.get(name, 0) + 1
-    n_params = sum(int(t.n_elements) for t in reader.tensors)
-    fields = reader.fields
-
-    def field_str(key: str) -> str | None:
-        f = fields.get(key)
-        if f is None or not f.data:
-            return None
-        return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
-
+    n_params = sum(t.n_elements for t in header.tensors)
+    meta = header.metadata
     return {
-        "architecture": field_str("general.architecture"),
-        "tokenizer_pre": field_str("tokenizer.ggml.pre"),
-        "tokenizer_model": field_str("tokenizer.ggml.model"),
-        "has_chat_template": "tokenizer.chat_template" in fields,
+        "architecture": meta.get("general.architecture"),
+        "tokenizer_pre": meta.get("tokenizer.ggml.pre"),
+        "tokenizer_model": meta.get("tokenizer.ggml.model"),
+        "has_chat_template": "tokenizer.chat_template" in meta,
         "n_params": n_params,
         "tensor_type_counts": dict(sorted(counts.items())),
         "tensor_types": tensor_types,
