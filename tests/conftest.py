@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_tiny_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def write_targets(tmp_path: Path):
+    def write(text: str, name: str = "targets.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text).lstrip("\n"))
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def converter():
+    from quantforge.toolchains.llamacpp import provision_converter
+
+    return provision_converter()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, converter):
+    root = tmp_path_factory.mktemp("tiny-models")
+
+    def get(family: str) -> Path:
+        return make_tiny_model(family, converter.vocab_dir, root / family)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from prepare_smollm2 import prepare
+
+    return prepare(tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
