@@ -1,0 +1,17 @@
+"""Runs the engine-test plan in a separate process (so a test can SIGKILL it mid-step)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from engine_steps import make_plan, register  # noqa: E402
+
+from quantforge.console import PlainReporter  # noqa: E402
+from quantforge.engine import BuildOptions, run_plan  # noqa: E402
+from quantforge.store import WorkDir  # noqa: E402
+
+register()
+tmp = Path(sys.argv[1])
+report = run_plan(make_plan(tmp), WorkDir(tmp / "work"), BuildOptions(), PlainReporter())
+sys.exit(0 if report.ok else 1)
