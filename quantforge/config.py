@@ -109,6 +109,14 @@ class ModelSettings(_Strict):
     publish: PublishTarget = PublishTarget()
 
 
+    @field_validator("revision", mode="before")
+    @classmethod
+    def _revision_is_text(cls, value: Any) -> Any:
+        if isinstance(value, int | float):
+            raise ValueError("YAML read this revision as a number; put it in quotes")
+        return value
+
+
 class ModelTarget(ModelSettings):
     """One entry of `models`."""
 

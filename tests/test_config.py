@@ -54,6 +54,8 @@ INVALID = [
     ("modles: []\n", 1, "modles", "did you mean 'models'"),
     ("models:\n  - name: a\n    name: b\n", 3, "models[0].name", "duplicate key"),
     ("models: [\n", 2, "", "not valid YAML"),
+    ("models:\n  - {name: a, source: org/a, revision: 1234, formats: {gguf: {}}}\n", 2, "models[0].revision",
+     "put it in quotes"),
     ("models:\n  - {name: a, source: ./a, formats: {gptq: {bits: 4}}}\n", 2, "models[0].formats.gptq",
      "unknown key 'gptq'"),
 ]

@@ -1,0 +1,199 @@
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from quantforge.config import load_targets
+from quantforge.errors import SourceError
+from quantforge.plan import PlanContext, Step, build_plan, stale_reasons
+from quantforge.sources import resolve_hub_revision
+from quantforge.store import WorkDir
+from quantforge.toolchains import llamacpp
+
+SHA1 = "1" * 40
+SHA2 = "2" * 40
+
+TARGETS = """
+defaults:
+  publish: {{to: "dir:./out"}}
+models:
+  - name: m
+    source: org/m
+    revision: '{rev}'
+    formats:
+      gguf: {{types: {types}, intermediate: {inter}}}
+  - name: other
+    source: org/other
+    revision: '{sha1}'
+    formats:
+      gguf: {{types: [Q8_0]}}
+"""
+
+
+def plan_keys(write_targets, tmp_path, rev=SHA1, types="[Q4_K_M, Q8_0]", inter="auto", **ctx) -> dict[str, str]:
+    path = write_targets(TARGETS.format(rev=rev, types=types, inter=inter, sha1=SHA1))
+    context = PlanContext(work=WorkDir(tmp_path / "work"), offline=True, **ctx)
+    return {s.label: s.key for s in build_plan(load_targets(path), context).steps}
+
+
+def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    return {label for label in after if before.get(label) != after[label]}
+
+
+M_ALL = {"m:source", "m/gguf:convert", "m/gguf/Q4_K_M:quantize", "m/gguf/Q4_K_M:verify", "m/gguf/Q8_0:quantize",
+         "m/gguf/Q8_0:verify", "m/gguf:publish"}
+
+
+def test_plan_order_and_labels(write_targets, tmp_path):
+    keys = plan_keys(write_targets, tmp_path)
+    assert list(keys)[:7] == ["m:source", "m/gguf:convert", "m/gguf/Q4_K_M:quantize", "m/gguf/Q4_K_M:verify",
+                              "m/gguf/Q8_0:quantize", "m/gguf/Q8_0:verify", "m/gguf:publish"]
+
+
+def test_new_source_revision_makes_exactly_that_models_steps_stale(write_targets, tmp_path):
+    before = plan_keys(write_targets, tmp_path)
+    assert changed(before, plan_keys(write_targets, tmp_path)) == set()  # deterministic
+    assert changed(before, plan_keys(write_targets, tmp_path, rev=SHA2)) == M_ALL
+
+
+def test_adding_a_type_adds_its_steps_and_republishes_only(write_targets, tmp_path):
+    before = plan_keys(write_targets, tmp_path)
+    after = plan_keys(write_targets, tmp_path, types="[Q4_K_M, Q8_0, Q6_K]")
+    assert changed(before, after) == {"m/gguf/Q6_K:quantize", "m/gguf/Q6_K:verify", "m/gguf:publish"}
+
+
+def test_intermediate_type_changes_convert_and_everything_after_it(write_targets, tmp_path):
+    before = plan_keys(write_targets, tmp_path)
+    assert changed(before, plan_keys(write_targets, tmp_path, inter="bf16")) == M_ALL - {"m:source"}
+
+
+def test_libllama_version_makes_quantize_and_verify_stale_not_convert(write_targets, tmp_path, monkeypatch):
+    checkout = tmp_path / "llama.cpp"
+    checkout.mkdir()
+    (checkout / "convert_hf_to_gguf.py").write_text("# a user's converter\n")
+    before = plan_keys(write_targets, tmp_path, llama_cpp_dir=str(checkout))
+    monkeypatch.setattr(llamacpp, "llama_cpp_version", lambda: "9.9.9")
+    after = plan_keys(write_targets, tmp_path, llama_cpp_dir=str(checkout))
+    stale = changed(before, after)
+    assert "m/gguf:convert" not in stale and "m:source" not in stale
+    assert {"m/gguf/Q4_K_M:quantize", "m/gguf/Q8_0:verify", "m/gguf:publish", "other/gguf/Q8_0:quantize"} <= stale
+
+
+def test_converter_version_makes_convert_and_everything_after_it_stale(write_targets, tmp_path):
+    checkout = tmp_path / "llama.cpp"
+    checkout.mkdir()
+    (checkout / "convert_hf_to_gguf.py").write_text("# v1\n")
+    before = plan_keys(write_targets, tmp_path, llama_cpp_dir=str(checkout))
+    (checkout / "convert_hf_to_gguf.py").write_text("# v2\n")
+    after = plan_keys(write_targets, tmp_path, llama_cpp_dir=str(checkout))
+    assert {s for s in changed(before, after) if s.startswith("m")} == M_ALL - {"m:source"}
+
+
+def test_local_source_digest_follows_file_contents(write_targets, tmp_path):
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"weights-1")
+    path = write_targets('models:\n  - {name: l, source: ./ckpt, formats: {gguf: {}}}\n')
+
+    def source_key() -> str:
+        return build_plan(load_targets(path), PlanContext(work=WorkDir(tmp_path / "work"))).steps[0].key
+
+    k1 = source_key()
+    assert source_key() == k1
+    (src / "model.safetensors").write_bytes(b"weights-2")
+    assert source_key() != k1
+
+
+def test_golden_step_key():
+    """Changing how keys are computed silently rebuilds every user's cache: make it a deliberate change."""
+    step = Step("gguf.quantize", "m/gguf/Q8_0:quantize", {"type": "Q8_0", "file": "m-Q8_0.gguf"},
+                tools={"libllama": "0.3.36"})
+    assert step.key == "b194406b17b72f0f32f5ca1656beb15fba8b5bf79a2573f896ef9b3b7108b043"
+
+
+def test_stale_reasons_name_what_changed(tmp_path):
+    work = WorkDir(tmp_path / "work")
+    old = Step("gguf.quantize", "m/gguf/Q8_0:quantize", {"type": "Q8_0"}, tools={"libllama": "0.3.36"})
+    assert stale_reasons(old, work) == ["never built"]
+    work.record_state(old.label, {**old.fingerprint(), "key": old.key})
+    assert stale_reasons(old, work) == ["output missing from the work dir"]
+    new = Step("gguf.quantize", "m/gguf/Q8_0:quantize", {"type": "Q8_0"}, tools={"libllama": "0.3.37"})
+    assert stale_reasons(new, work) == ["tools.libllama: 0.3.36 -> 0.3.37"]
+
+
+# ------------------------------------------------------------------ Hub revision resolution, on loopback
+
+class _Hub(BaseHTTPRequestHandler):
+    refs = {("org/m", "main"): SHA1, ("org/m", "v2"): SHA2}
+
+    def do_GET(self):  # noqa: N802
+        parts = self.path.split("?")[0].strip("/").split("/")
+        # /api/models/{org}/{name}/revision/{rev}
+        if parts[:2] == ["api", "models"] and len(parts) == 6 and parts[4] == "revision":
+            repo, rev = f"{parts[2]}/{parts[3]}", parts[5]
+            if not any(r == repo for r, _ in self.refs):
+                return self._error(404, "RepoNotFound")
+            sha = self.refs.get((repo, rev))
+            if sha is None:
+                return self._error(404, "RevisionNotFound")
+            body = json.dumps({"id": repo, "sha": sha, "siblings": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return None
+        return self._error(404, "EntryNotFound")
+
+    def _error(self, status: int, code: str) -> None:
+        body = json.dumps({"error": code}).encode()
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    from huggingface_hub import constants
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield
+    server.shutdown()
+
+
+def test_hub_branch_and_tag_resolve_to_commit(hub):
+    assert resolve_hub_revision("org/m", "main") == SHA1
+    assert resolve_hub_revision("org/m", "v2") == SHA2
+
+
+@pytest.mark.parametrize(("repo", "rev", "message"), [("org/nope", "main", "no such model repo"),
+                                                      ("org/m", "v9", "no revision 'v9'")])
+def test_hub_resolution_errors_are_clear(hub, repo, rev, message):
+    with pytest.raises(SourceError, match=message):
+        resolve_hub_revision(repo, rev)
+
+
+def test_offline_resolution_uses_the_local_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    refs = tmp_path / "models--org--m" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(SHA2)
+    assert resolve_hub_revision("org/m", "main", offline=True) == SHA2
+    assert resolve_hub_revision("org/m", SHA1, offline=True) == SHA1
+    with pytest.raises(SourceError, match="offline"):
+        resolve_hub_revision("org/m", "dev", offline=True)
