@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import make_tiny_model  # noqa: E402
+from tiny_models import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from engine_steps import make_plan, register  # noqa: E402
+from engine_steps import make_plan, register
 
-from quantforge.console import PlainReporter  # noqa: E402
-from quantforge.engine import BuildOptions, run_plan  # noqa: E402
-from quantforge.store import WorkDir  # noqa: E402
+from quantforge.console import PlainReporter
+from quantforge.engine import BuildOptions, run_plan
+from quantforge.store import WorkDir
 
 register()
 tmp = Path(sys.argv[1])

@@ -127,17 +127,19 @@ def test_stale_reasons_name_what_changed(tmp_path):
 
 # ------------------------------------------------------------------ Hub revision resolution, on loopback
 
-class _Hub(BaseHTTPRequestHandler):
-    refs = {("org/m", "main"): SHA1, ("org/m", "v2"): SHA2}
+REFS = {("org/m", "main"): SHA1, ("org/m", "v2"): SHA2}
 
-    def do_GET(self):  # noqa: N802
+
+class _Hub(BaseHTTPRequestHandler):
+
+    def do_GET(self):
         parts = self.path.split("?")[0].strip("/").split("/")
         # /api/models/{org}/{name}/revision/{rev}
         if parts[:2] == ["api", "models"] and len(parts) == 6 and parts[4] == "revision":
             repo, rev = f"{parts[2]}/{parts[3]}", parts[5]
-            if not any(r == repo for r, _ in self.refs):
+            if not any(r == repo for r, _ in REFS):
                 return self._error(404, "RepoNotFound")
-            sha = self.refs.get((repo, rev))
+            sha = REFS.get((repo, rev))
             if sha is None:
                 return self._error(404, "RevisionNotFound")
             body = json.dumps({"id": repo, "sha": sha, "siblings": []}).encode()
