@@ -120,16 +120,22 @@ def _print_summary(data: dict, report_path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .formats.gguf import VERIFY_PROMPT
     from .report import artifact_rows
 
     console = Console(stderr=True, highlight=False)
-    rows = artifact_rows(data)
-    if rows:
-        table = Table(title=None, box=None, pad_edge=False)
-        for col in ("artifact", "size MB", "bits/w", "fallbacks", "verified", "llama.cpp says"):
-            table.add_column(col)
+    groups: dict[str, list[dict]] = {}
+    for row in artifact_rows(data):
+        group, _, gguf_type = row["artifact"].rpartition("/")
+        groups.setdefault(group, []).append({**row, "type": gguf_type})
+    for group, rows in groups.items():
+        table = Table(title=group, title_justify="left", box=None, pad_edge=False)
+        table.add_column("type", no_wrap=True)
+        for col in ("MB", "bits/w", "fallbacks", "verified"):
+            table.add_column(col, justify="right", no_wrap=True)
+        table.add_column(f"{VERIFY_PROMPT} ...", no_wrap=True, overflow="ellipsis", max_width=36)
         for r in rows:
-            table.add_row(r["artifact"], str(r["size_mb"]), str(r["bpw"]), str(r["fallbacks"]), r["status"],
+            table.add_row(r["type"], str(r["size_mb"]), str(r["bpw"]), str(r["fallbacks"]), r["status"],
                           repr((r["sample"] or "")[:40]))
         console.print(table)
     for step in data["steps"]:

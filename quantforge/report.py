@@ -41,7 +41,7 @@ def artifact_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             "size_mb": round(d["size"] / 1e6, 1) if "size" in d else None,
             "bpw": d.get("bits_per_weight"),
             "fallbacks": len(d.get("fallbacks", [])),
-            "status": verify.get("status", step["status"]) if step["status"] != "failed" else "failed",
+            "status": "yes" if verify.get("status") in ("built", "reused") else verify.get("status", step["status"]),
             "sample": verify.get("data", {}).get("generated_text"),
         })
     return rows

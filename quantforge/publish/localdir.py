@@ -30,7 +30,12 @@ class LocalDirPublisher:
                     unchanged.append(name)
                     continue
                 tmp = target.with_name(f".{target.name}.partial")
-                shutil.copyfile(path, tmp)
+                tmp.unlink(missing_ok=True)
+                try:
+                    # work-dir outputs are never modified after commit, so a hard link is a safe, free copy
+                    os.link(path, tmp)
+                except OSError:  # another filesystem, or links not allowed
+                    shutil.copyfile(path, tmp)
                 os.replace(tmp, target)  # readers never see a half-copied file
                 uploaded.append(name)
         except OSError as exc:
