@@ -41,14 +41,15 @@ def _fail(exc: QuantforgeError) -> typer.Exit:
     return typer.Exit(exc.exit_code)
 
 
-def _plan(targets_file: Path, work_dir: Path, only: str | None, offline: bool, llama_cpp: str | None):
+def _plan(targets_file: Path, work_dir: Path, only: str | None, offline: bool, llama_cpp: str | None,
+          enforce_gates: bool = True):
     from .config import load_targets
     from .plan import PlanContext, build_plan
     from .store import WorkDir
 
     targets = load_targets(targets_file)
     work = WorkDir(work_dir)
-    context = PlanContext(work=work, offline=offline, llama_cpp_dir=llama_cpp)
+    context = PlanContext(work=work, offline=offline, llama_cpp_dir=llama_cpp, enforce_gates=enforce_gates)
     return build_plan(targets, context).select(only), work
 
 
@@ -95,14 +96,16 @@ def build(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, onl
           dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would run; run nothing.")] = False,
           threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for llama.cpp "
                                                       "(default: all).")] = None,
+          no_gate: Annotated[bool, typer.Option("--no-gate", help="Measure quality but publish artifacts that "
+                                                "miss their gates (for experiments; recorded).")] = False,
           json_output: JsonOpt = False, offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None) -> None:
-    """Build every stale artifact, verify it, and publish it."""
+    """Build every stale artifact, check it against its source, and publish what passes."""
     from . import report as report_mod
     from .console import make_reporter
     from .engine import BuildOptions, run_plan
 
     try:
-        the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp)
+        the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp, enforce_gates=not no_gate)
         options = BuildOptions(keep_going=keep_going, dry_run=dry_run, threads=threads, llama_cpp_dir=llama_cpp)
         result = run_plan(the_plan, work, options, make_reporter(json_output))
     except QuantforgeError as exc:
@@ -121,7 +124,7 @@ def _print_summary(data: dict, report_path: Path) -> None:
     from rich.table import Table
 
     from .formats.gguf import VERIFY_PROMPT
-    from .report import artifact_rows
+    from .report import artifact_rows, fmt_num, fmt_pct
 
     console = Console(stderr=True, highlight=False)
     groups: dict[str, list[dict]] = {}
@@ -131,12 +134,17 @@ def _print_summary(data: dict, report_path: Path) -> None:
     for group, rows in groups.items():
         table = Table(title=group, title_justify="left", box=None, pad_edge=False)
         table.add_column("type", no_wrap=True)
-        for col in ("MB", "bits/w", "fallbacks", "verified"):
+        for col in ("MB", "bits/w", "PPL", "ΔPPL", "KLD", "top-1", "fallbacks", "gate"):
             table.add_column(col, justify="right", no_wrap=True)
-        table.add_column(f"{VERIFY_PROMPT} ...", no_wrap=True, overflow="ellipsis", max_width=36)
+        table.add_column(f"{VERIFY_PROMPT} ...", no_wrap=True, overflow="ellipsis", max_width=28)
         for r in rows:
-            table.add_row(r["type"], str(r["size_mb"]), str(r["bpw"]), str(r["fallbacks"]), r["status"],
+            table.add_row(r["type"], str(r["size_mb"]), str(r["bpw"]), fmt_num(r["ppl"]), fmt_pct(r["delta_ppl"]),
+                          fmt_num(r["kld"], 4), fmt_pct(r["top1"])[1:], str(r["fallbacks"]), r["gate"],
                           repr((r["sample"] or "")[:40]))
+        source_ppl = next((r["source_ppl"] for r in rows if r["source_ppl"]), None)
+        if source_ppl:
+            table.caption = f"source PPL {source_ppl:.3f}, same token windows"
+            table.caption_justify = "left"
         console.print(table)
     for step in data["steps"]:
         if step["kind"] == "publish" and step["status"] in ("built", "reused"):

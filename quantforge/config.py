@@ -99,6 +99,53 @@ class PublishTarget(_Strict):
         return self.repo.format(model=model, format=fmt, FORMAT=fmt.upper())
 
 
+class EvaluationSettings(_Strict):
+    """`evaluation`: the perplexity / KL smoke test against the source model, and its gates."""
+
+    dataset: str = "builtin"
+    ctx: int = Field(512, ge=16, le=32768)
+    chunks: int = Field(32, ge=1, le=100000)
+    # gates: keys are a format ("gguf") or a format and type ("gguf/Q4_K_M"); the most specific wins
+    max_ppl_increase: dict[str, float] = Field(default_factory=dict)
+    max_kld: dict[str, float] = Field(default_factory=dict)
+    tokenizer_check: bool = True
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, value: str) -> str:
+        from .data import parse_text_source
+
+        parse_text_source(value)
+        return value
+
+    @field_validator("ctx")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError("must be even (the second half of each window is scored)")
+        return value
+
+    @field_validator("max_ppl_increase", "max_kld")
+    @classmethod
+    def _gate_keys(cls, value: dict[str, float]) -> dict[str, float]:
+        for key, limit in value.items():
+            fmt, _, qtype = key.partition("/")
+            if fmt not in FORMAT_NAMES:
+                raise ValueError(f"{key!r}: unknown format {fmt!r} (formats: {', '.join(FORMAT_NAMES)})")
+            if qtype and fmt == "gguf" and qtype.upper() not in GGUF_TYPES:
+                close = difflib.get_close_matches(qtype.upper(), list(GGUF_TYPES), n=1)
+                raise ValueError(f"{key!r}: unknown GGUF type" + (f"; did you mean {close[0]!r}?" if close else ""))
+            if limit < 0:
+                raise ValueError(f"{key!r}: must be >= 0")
+        return {(k.split("/")[0] + "/" + k.split("/")[1].upper()) if "/" in k else k: v for k, v in value.items()}
+
+    def gate(self, table: str, fmt: str, qtype: str | None, default: float | None) -> float | None:
+        limits = getattr(self, table)
+        if qtype and f"{fmt}/{qtype}" in limits:
+            return limits[f"{fmt}/{qtype}"]
+        return limits.get(fmt, default)
+
+
 class ModelSettings(_Strict):
     """Everything a model may inherit from `defaults`."""
 
@@ -107,6 +154,7 @@ class ModelSettings(_Strict):
     allow_patterns: list[str] | None = None
     formats: Formats = Formats()
     publish: PublishTarget = PublishTarget()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
 
     @field_validator("revision", mode="before")

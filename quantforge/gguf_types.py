@@ -32,3 +32,14 @@ GGUF_TYPES: dict[str, str] = {
 # What the converter may write as the full-precision intermediate that every type is quantized from.
 # "auto" lets the converter pick the highest-fidelity 16-bit type for the source's dtype.
 INTERMEDIATE_TYPES = ("auto", "f16", "bf16", "f32")
+
+# Default quality gate: the largest relative perplexity increase over the source model on the same windows.
+# Small models lose far more at low bits than 7B ones; tighten or loosen per model with
+# evaluation.max_ppl_increase.
+DEFAULT_MAX_PPL_INCREASE: dict[str, float] = {
+    "F32": 0.002, "F16": 0.005, "BF16": 0.005,
+    "Q8_0": 0.02, "Q6_K": 0.04,
+    "Q5_K_M": 0.08, "Q5_K_S": 0.08, "Q5_1": 0.08, "Q5_0": 0.08,
+    "Q4_K_M": 0.15, "Q4_K_S": 0.15, "Q4_1": 0.25, "Q4_0": 0.25, "IQ4_NL": 0.15, "IQ4_XS": 0.15,
+    "Q3_K_L": 0.35, "Q3_K_M": 0.40, "Q3_K_S": 0.50, "Q2_K": 1.0,
+}

@@ -114,6 +114,7 @@ def stale_reasons(step: Step, work: WorkDir) -> list[str]:
 
 def build_plan(targets: Targets, context: PlanContext) -> Plan:
     """Every step for every model and format, in dependency order."""
+    from .evaluate import plan_evaluation
     from .formats import FORMATS
     from .publish import publish_step
     from .sources import source_step
@@ -121,10 +122,11 @@ def build_plan(targets: Targets, context: PlanContext) -> Plan:
     steps: list[Step] = []
     for model in targets.models:
         src = source_step(model, targets, context)
-        steps.append(src)
+        evaluation = plan_evaluation(model, targets, src, context)
+        steps += [src, evaluation.tokens, evaluation.reference]
         for fmt_name in model.formats.enabled():
             fmt = FORMATS[fmt_name]
-            artifacts = fmt.plan(model, getattr(model.formats, fmt_name), src, context)
+            artifacts = fmt.plan(model, getattr(model.formats, fmt_name), src, evaluation, context)
             steps.extend(artifacts.steps)
             steps.append(publish_step(model, fmt_name, artifacts.publishable, src, targets))
     return Plan(targets, topological(steps))
@@ -137,6 +139,7 @@ class PlanContext:
     work: WorkDir
     offline: bool = False
     llama_cpp_dir: str | None = None
+    enforce_gates: bool = True  # --no-gate: measure and record, but publish regardless (recorded in the keys)
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def memo(self, key: str, compute: Any) -> Any:

@@ -34,6 +34,8 @@ def artifact_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         if step["kind"] != "gguf.quantize":
             continue
         verify = steps.get(label.replace(":quantize", ":verify"), {})
+        evaluate = steps.get(label.replace(":quantize", ":evaluate"), {}).get("data", {})
+        gate = steps.get(label.replace(":quantize", ":gate"), {})
         d = step.get("data", {})
         rows.append({
             "artifact": label.removesuffix(":quantize"),
@@ -41,17 +43,48 @@ def artifact_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             "size_mb": round(d["size"] / 1e6, 1) if "size" in d else None,
             "bpw": d.get("bits_per_weight"),
             "fallbacks": len(d.get("fallbacks", [])),
-            "status": "yes" if verify.get("status") in ("built", "reused") else verify.get("status", step["status"]),
+            "verified": "yes" if verify.get("status") in ("built", "reused") else verify.get("status", step["status"]),
             "sample": verify.get("data", {}).get("generated_text"),
+            "ppl": evaluate.get("ppl"),
+            "ppl_err": evaluate.get("ppl_err"),
+            "source_ppl": evaluate.get("source_ppl"),
+            "delta_ppl": evaluate.get("delta_ppl"),
+            "kld": evaluate.get("kld_mean"),
+            "kld_p99": evaluate.get("kld_p99"),
+            "top1": evaluate.get("top1"),
+            "tokenizer": (evaluate.get("tokenizer") or {}).get("same"),
+            "gate": _gate_status(gate),
         })
     return rows
 
 
+def _gate_status(gate: dict[str, Any]) -> str:
+    if not gate:
+        return "-"
+    if gate["status"] == "failed":
+        return "FAILED"
+    info = gate.get("data", {}).get("gate", {})
+    if info and not info.get("enforced", True):
+        return "not enforced" + (" (would fail)" if not info.get("passed") else "")
+    return "pass" if gate["status"] in ("built", "reused") else gate["status"]
+
+
+def fmt_pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2%}"
+
+
+def fmt_num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def markdown(data: dict[str, Any]) -> str:
     lines = [f"### quantforge build: {'ok' if data['ok'] else 'FAILED'} ({data['seconds']:.0f} s)", "",
-             "| artifact | size MB | bits/weight | fallbacks | verified |", "|---|---:|---:|---:|---|"]
+             "| artifact | size MB | bits/weight | PPL | ΔPPL | KLD | top-1 | fallbacks | gate |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in artifact_rows(data):
-        lines.append(f"| {row['artifact']} | {row['size_mb']} | {row['bpw']} | {row['fallbacks']} | {row['status']} |")
+        lines.append(f"| {row['artifact']} | {row['size_mb']} | {row['bpw']} | {fmt_num(row['ppl'])} | "
+                     f"{fmt_pct(row['delta_ppl'])} | {fmt_num(row['kld'], 4)} | {fmt_pct(row['top1'])[1:]} | "
+                     f"{row['fallbacks']} | {row['gate']} |")
     for step in data["steps"]:
         if step["status"] == "failed":
             lines.append(f"\n**{step['label']} failed:** {step.get('error')} (log: `{step.get('log')}`)")

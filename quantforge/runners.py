@@ -17,6 +17,10 @@ _RUNNERS = {
     "gguf.convert": "quantforge.formats.gguf:run_convert",
     "gguf.quantize": "quantforge.formats.gguf:run_quantize",
     "gguf.verify": "quantforge.formats.gguf:run_verify",
+    "gguf.evaluate": "quantforge.formats.gguf:run_evaluate",
+    "eval.tokens": "quantforge.evaluate:run_tokens",
+    "eval.reference": "quantforge.evaluate:run_reference",
+    "gate": "quantforge.evaluate:run_gate",
     "publish": "quantforge.publish:run_publish",
 }
 # Bump a kind's version when its implementation changes what it produces: its outputs become stale.
@@ -25,6 +29,10 @@ VERSIONS = {
     "gguf.convert": "1",
     "gguf.quantize": "1",
     "gguf.verify": "1",
+    "gguf.evaluate": "1",
+    "eval.tokens": "1",
+    "eval.reference": "1",
+    "gate": "1",
     "publish": "1",
 }
 

@@ -1,7 +1,11 @@
 """GGUF through llama.cpp: convert once to a full-precision GGUF, quantize to each listed type, then verify each
 file in the llama.cpp runtime before it may be published.
 
-    source ─► gguf.convert ─► gguf.quantize[type] ─► gguf.verify[type] ─► publish
+    source ─► gguf.convert ─► gguf.quantize[type] ─► gguf.verify[type] ─► gguf.evaluate[type] ─► gate ─► publish
+
+verify: llama.cpp loads the file and greedily generates; evaluate: perplexity, KL divergence and top-1
+agreement against the source model on the harness's windows, the GGUF's own tokenizer against the source's,
+and the chat template; gate: the limits those must meet before the file may be published.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import GGUFTarget, ModelTarget
 from ..errors import VerificationError
+from ..evaluate import REFERENCE_FILE, SAMPLE_FILE, WINDOWS_FILE, EvalSteps, gate_step
+from ..gguf_types import DEFAULT_MAX_PPL_INCREASE
 from ..plan import PlanContext, Step
 from ..toolchains import llamacpp
 from . import PlannedFormat
@@ -27,7 +33,8 @@ def artifact_name(model: str, gguf_type: str) -> str:
     return f"{model}-{gguf_type}.gguf"
 
 
-def plan(model: ModelTarget, target: GGUFTarget, source: Step, context: PlanContext) -> PlannedFormat:
+def plan(model: ModelTarget, target: GGUFTarget, source: Step, evaluation: EvalSteps,
+         context: PlanContext) -> PlannedFormat:
     converter = context.memo("converter", lambda: llamacpp.converter_version(context.llama_cpp_dir))
     libllama = context.memo("libllama", llamacpp.llama_cpp_version)
     out = PlannedFormat()
@@ -44,8 +51,15 @@ def plan(model: ModelTarget, target: GGUFTarget, source: Step, context: PlanCont
                       params={"prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS},
                       inputs={"artifact": quantize}, tools={"libllama": libllama},
                       model=model.name, fmt="gguf")
-        out.steps += [quantize, verify]
-        out.publishable[gguf_type] = (quantize, verify)
+        evaluate = Step(kind="gguf.evaluate", label=f"{model.name}/gguf/{gguf_type}:evaluate",
+                        params={}, inputs={"artifact": quantize, "tokens": evaluation.tokens,
+                                           "reference": evaluation.reference, "source": source},
+                        tools={"libllama": libllama}, model=model.name, fmt="gguf")
+        gate = gate_step(f"{model.name}/gguf/{gguf_type}:gate", "gguf", gguf_type, evaluate, verify,
+                         evaluation.settings, DEFAULT_MAX_PPL_INCREASE.get(gguf_type), context.enforce_gates,
+                         model.name)
+        out.steps += [quantize, verify, evaluate, gate]
+        out.publishable[gguf_type] = (quantize, gate)
     return out
 
 
@@ -79,7 +93,20 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
 def run_verify(step: Step, ctx: StepContext) -> dict[str, Any]:
     artifact = ctx.inputs["artifact"]
     gguf_file = artifact.file(artifact.data["file"])
-    result = llamacpp.load_and_generate(gguf_file, step.params["prompt"], step.params["tokens"], ctx.log_path)
+    result = llamacpp.load_and_generate(gguf_file, step.params["prompt"], step.params["tokens"], ctx.log_path,
+                                        ctx.out_dir)
     if not result["generated_ids"]:
         raise VerificationError(f"{gguf_file.name}: llama.cpp generated no token")
     return {k: v for k, v in result.items() if k != "ok"}
+
+
+def run_evaluate(step: Step, ctx: StepContext) -> dict[str, Any]:
+    artifact = ctx.inputs["artifact"]
+    tokens = ctx.inputs["tokens"]
+    gguf_file = artifact.file(artifact.data["file"])
+    result = llamacpp.evaluate(gguf_file, tokens.file(WINDOWS_FILE), ctx.inputs["reference"].file(REFERENCE_FILE),
+                               tokens.file(SAMPLE_FILE), ctx.log_path, ctx.out_dir, ctx.options.threads)
+    source_has_template = ctx.inputs["source"].data.get("has_chat_template", False)
+    result["chat_template"] = artifact.data.get("has_chat_template", False)
+    result["chat_template_missing"] = bool(source_has_template and not result["chat_template"])
+    return result

@@ -222,12 +222,25 @@ def quantize(in_file: Path, out_file: Path, gguf_type: str, log_path: Path, thre
     return result
 
 
-def load_and_generate(gguf_file: Path, prompt: str, n_tokens: int, log_path: Path) -> dict[str, Any]:
+def load_and_generate(gguf_file: Path, prompt: str, n_tokens: int, log_path: Path, scratch: Path) -> dict[str, Any]:
     """Check by the real consumer: llama.cpp loads the file and greedily generates a few tokens."""
     result = _run_worker(["generate", str(gguf_file), "--prompt", prompt, "--tokens", str(n_tokens)],
-                         log_path, gguf_file.with_name(gguf_file.name + ".verify.json"))
+                         log_path, scratch / "generate.result.json")
     if not result.get("ok"):
         raise VerificationError(f"llama.cpp could not run {gguf_file.name}: {result.get('error', 'unknown')}")
+    return result
+
+
+def evaluate(gguf_file: Path, windows: Path, reference: Path, sample: Path | None, log_path: Path,
+             scratch: Path, threads: int | None = None) -> dict[str, Any]:
+    """Perplexity, KL divergence and top-1 agreement of a GGUF in the llama.cpp runtime, on the given windows."""
+    args = ["evaluate", str(gguf_file), "--windows", str(windows), "--reference", str(reference),
+            "--threads", str(threads or 0)]
+    if sample is not None:
+        args += ["--sample", str(sample)]
+    result = _run_worker(args, log_path, scratch / "evaluate.result.json")
+    if not result.pop("ok", False):
+        raise VerificationError(f"llama.cpp could not evaluate {gguf_file.name}: {result.get('error', 'unknown')}")
     return result
 
 

@@ -2,6 +2,8 @@
 
     python -m quantforge.toolchains.llamacpp_worker quantize IN OUT TYPE [--threads N] --result FILE
     python -m quantforge.toolchains.llamacpp_worker generate GGUF --prompt TEXT [--tokens N] --result FILE
+    python -m quantforge.toolchains.llamacpp_worker evaluate GGUF --windows NPY --reference NPZ [--sample JSON]
+                                                             --result FILE
 
 libllama logs to this process's stderr, which the parent points at the step's log file. The outcome is written
 as JSON to --result, so the parent never parses free text for success.
@@ -73,6 +75,43 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Score the GGUF on the harness's windows (the same token ids the source model saw)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from quantforge import metrics
+
+    windows = np.load(args.windows)
+    reference = metrics.Reference.load(args.reference)
+    ctx = int(windows.shape[1])
+    llm = Llama(model_path=str(args.gguf), n_ctx=ctx, n_batch=min(ctx, 512), n_ubatch=min(ctx, 512),
+                logits_all=True, n_threads=args.threads or os.cpu_count(), verbose=True)
+    comparison = metrics.Comparison([], [], [])
+    offset = 0
+    started = time.perf_counter()
+    for window in windows:
+        llm.reset()
+        llm.eval(window.tolist())
+        comparison.add_window(llm.scores[:ctx], window, reference, offset)
+        offset += len(comparison.nll[-1])
+    seconds = time.perf_counter() - started
+    result: dict[str, Any] = {"ok": True, **metrics.summarize(comparison, reference),
+                              "seconds": round(seconds, 3), "tokens_per_second": round(windows.size / seconds, 1)}
+    if args.sample:
+        sample = json.loads(args.sample.read_text())
+        got = llm.tokenize(sample["text"].encode(), add_bos=False, special=False)
+
+        def piece(token: int) -> str:
+            return llm.detokenize([token]).decode("utf-8", errors="replace")
+
+        result["tokenizer"] = metrics.tokenizer_parity(sample["ids"], got, piece)
+    return result
+
+
+COMMANDS = {"quantize": quantize, "generate": generate, "evaluate": evaluate}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamacpp_worker")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,11 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("gguf", type=Path)
     g.add_argument("--prompt", required=True)
     g.add_argument("--tokens", type=int, default=8)
-    for p in (q, g):
+    e = sub.add_parser("evaluate")
+    e.add_argument("gguf", type=Path)
+    e.add_argument("--windows", type=Path, required=True)
+    e.add_argument("--reference", type=Path, required=True)
+    e.add_argument("--sample", type=Path)
+    e.add_argument("--threads", type=int, default=0)
+    for p in (q, g, e):
         p.add_argument("--result", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
-        result = quantize(args) if args.command == "quantize" else generate(args)
+        result = COMMANDS[args.command](args)
     except Exception as exc:  # reported to the parent as data; the traceback goes to the log
         import traceback
 

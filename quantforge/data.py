@@ -1,0 +1,97 @@
+"""Text for evaluation (and, later, calibration), and the token windows cut from it.
+
+Sources, as written in targets.yaml:
+    builtin                              Python's own documentation topics (pydoc_data): offline, no download
+    file:PATH[,PATH...]                  local text files (relative to the targets file)
+    hf:REPO:CONFIG:SPLIT:COLUMN          a Hub dataset through the `datasets` library (CONFIG may be empty)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInputError
+
+
+@dataclass(frozen=True)
+class TextSource:
+    kind: str  # builtin | file | hf
+    paths: tuple[str, ...] = ()
+    repo: str = ""
+    config: str | None = None
+    split: str = ""
+    column: str = ""
+
+
+def parse_text_source(spec: str) -> TextSource:
+    if spec == "builtin":
+        return TextSource("builtin")
+    kind, _, rest = spec.partition(":")
+    if kind == "file" and rest:
+        return TextSource("file", paths=tuple(p.strip() for p in rest.split(",") if p.strip()))
+    if kind == "hf":
+        parts = rest.split(":")
+        if len(parts) == 4 and parts[0] and parts[2] and parts[3]:
+            return TextSource("hf", repo=parts[0], config=parts[1] or None, split=parts[2], column=parts[3])
+        raise ValueError("expected hf:REPO:CONFIG:SPLIT:COLUMN (CONFIG may be empty: hf:REPO::SPLIT:COLUMN)")
+    raise ValueError("expected builtin, file:PATH[,PATH...] or hf:REPO:CONFIG:SPLIT:COLUMN")
+
+
+def resolve_paths(source: TextSource, base_dir: Path) -> TextSource:
+    """Make file paths absolute (relative to the targets file), so a spec means one thing everywhere."""
+    if source.kind != "file":
+        return source
+    paths = tuple(str(p if Path(p).is_absolute() else (base_dir / p).resolve())
+                  for p in (Path(x).expanduser() for x in source.paths))
+    return TextSource("file", paths=paths)
+
+
+def load_text(source: TextSource) -> str:
+    if source.kind == "builtin":
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[name].strip() for name in sorted(topics))
+    if source.kind == "file":
+        texts = []
+        for path in source.paths:
+            try:
+                texts.append(Path(path).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise BadInputError(f"evaluation text {path}: {exc}") from None
+        return "\n\n".join(texts)
+    return _load_hub_dataset(source)
+
+
+def _load_hub_dataset(source: TextSource) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise BadInputError("hf: text sources need the `datasets` package (pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(source.repo, source.config, split=source.split)
+    except Exception as exc:  # datasets raises many types; all mean "cannot load it"
+        raise BadInputError(f"hf:{source.repo}: cannot load split {source.split!r}: {exc}") from None
+    if source.column not in ds.column_names:
+        raise BadInputError(f"hf:{source.repo}: no column {source.column!r} (columns: {', '.join(ds.column_names)})")
+    return "\n\n".join(t for t in ds[source.column] if t and t.strip())
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cut_windows(ids: list[int], ctx: int, chunks: int, bos_id: int | None) -> np.ndarray:
+    """`chunks` consecutive windows of `ctx` tokens; the first token of each is BOS when the model has one
+    (as llama.cpp's perplexity tool does), so every runtime sees exactly these ids."""
+    needed = ctx * chunks
+    if len(ids) < needed:
+        raise BadInputError(f"evaluation text has {len(ids)} tokens; ctx {ctx} x chunks {chunks} needs {needed}: "
+                            "lower chunks or add text")
+    windows = np.asarray(ids[:needed], dtype=np.int32).reshape(chunks, ctx)
+    if bos_id is not None:
+        windows[:, 0] = bos_id
+    return windows

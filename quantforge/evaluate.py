@@ -1,0 +1,153 @@
+"""One evaluation harness for every format: token windows cut once with the source's tokenizer, the source
+model's reference distribution computed once in torch, each artifact scored on the same ids by its own runtime,
+and quality gates that decide whether an artifact may be published.
+
+    source ─► eval.tokens ─► eval.reference ─┐
+    artifact ─────────────────────────────────┴► <format>.evaluate ─► gate ─► publish
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import metrics
+from .config import EvaluationSettings, ModelTarget, Targets
+from .data import cut_windows, load_text, parse_text_source, resolve_paths, text_digest
+from .errors import QuantforgeError
+from .plan import PlanContext, Step
+
+if TYPE_CHECKING:
+    from .engine import StepContext
+
+log = logging.getLogger(__name__)
+
+WINDOWS_FILE = "windows.npy"
+SAMPLE_FILE = "tokenizer_sample.json"
+REFERENCE_FILE = "reference.npz"
+# Appended to the tokenizer-parity sample: non-ASCII, digits and code, where tokenizers most often diverge.
+TOKENIZER_PROBE = "naïve café — Größe 東京 2024: x += 1  # déjà vu\n\tindent"
+SAMPLE_CHARS = 2000
+
+
+class GateFailed(QuantforgeError):
+    """An artifact's measured quality is outside its gate: it must not be published."""
+
+
+@dataclass(frozen=True)
+class EvalSteps:
+    tokens: Step
+    reference: Step
+    settings: EvaluationSettings
+
+
+def plan_evaluation(model: ModelTarget, targets: Targets, source: Step, context: PlanContext) -> EvalSteps:
+    settings = model.evaluation
+    text_source = resolve_paths(parse_text_source(settings.dataset), targets.base_dir)
+    # a Hub dataset is identified by its spec (loading it means downloading it); local text by its content
+    digest = None if text_source.kind == "hf" else context.memo(
+        f"text:{text_source}", lambda: text_digest(load_text(text_source)))
+    spec = settings.dataset if text_source.kind != "file" else "file:" + ",".join(text_source.paths)
+    tokens = Step("eval.tokens", f"{model.name}:eval-tokens",
+                  params={"dataset": spec, "text_sha256": digest, "ctx": settings.ctx, "chunks": settings.chunks},
+                  inputs={"source": source}, model=model.name)
+    reference = Step("eval.reference", f"{model.name}:eval-reference",
+                     params={"dtype": reference_dtype(), "top_k": metrics.TOP_K},
+                     inputs={"source": source, "tokens": tokens}, model=model.name)
+    return EvalSteps(tokens, reference, settings)
+
+
+def gate_step(label: str, fmt: str, qtype: str | None, evaluation: Step, check: Step, settings: EvaluationSettings,
+              default_ppl: float | None, enforce: bool, model: str) -> Step:
+    params = {
+        "max_ppl_increase": settings.gate("max_ppl_increase", fmt, qtype, default_ppl),
+        "max_kld": settings.gate("max_kld", fmt, qtype, None),
+        "tokenizer_check": settings.tokenizer_check,
+        "enforce": enforce,
+        "gate_name": f"{fmt}/{qtype}" if qtype else fmt,
+    }
+    return Step("gate", label, params=params, inputs={"evaluation": evaluation, "check": check}, model=model,
+                fmt=fmt)
+
+
+def reference_dtype() -> str:
+    """The source model runs in bf16 on a GPU, in fp32 on a CPU (part of the cache key: results differ)."""
+    try:
+        import torch
+
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+    except ImportError:
+        return "float32"
+
+
+# ------------------------------------------------------------------------------------------------ runners
+
+def run_tokens(step: Step, ctx: StepContext) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    source_dir = ctx.inputs["source"].data["path"]
+    text = load_text(resolve_paths(parse_text_source(step.params["dataset"]), Path("/")))
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = cut_windows(ids, step.params["ctx"], step.params["chunks"], tokenizer.bos_token_id)
+    np.save(ctx.out_dir / WINDOWS_FILE, windows)
+    sample = text[:SAMPLE_CHARS] + "\n" + TOKENIZER_PROBE
+    sample_ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    (ctx.out_dir / SAMPLE_FILE).write_text(json.dumps({"text": sample, "ids": sample_ids}, ensure_ascii=False))
+    return {"text_tokens": len(ids), "windows": int(windows.shape[0]), "ctx": int(windows.shape[1]),
+            "bos_id": tokenizer.bos_token_id}
+
+
+def run_reference(step: Step, ctx: StepContext) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = ctx.inputs["source"]
+    windows = np.load(ctx.inputs["tokens"].file(WINDOWS_FILE))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, step.params["dtype"])
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(source.data["path"], dtype=dtype).to(device).eval()
+    load_seconds = time.perf_counter() - started
+    parts = []
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for window in windows:
+            logits = model(torch.from_numpy(window[None, :].astype(np.int64)).to(device)).logits[0]
+            parts.append(metrics.score_window(logits.float().cpu().numpy(), window, step.params["top_k"]))
+    seconds = time.perf_counter() - started
+    del model
+    reference = metrics.concat(parts)
+    reference.save(ctx.out_dir / REFERENCE_FILE)
+    ppl, err = metrics.perplexity(reference.nll)
+    return {"ppl": round(ppl, 4), "ppl_err": round(err, 4), "tokens_scored": len(reference.nll),
+            "device": device, "dtype": step.params["dtype"], "load_seconds": round(load_seconds, 2),
+            "tokens_per_second": round(windows.size / seconds, 1)}
+
+
+def run_gate(step: Step, ctx: StepContext) -> dict[str, Any]:
+    """Compare an artifact's measurements with its limits; raise GateFailed naming every gate it misses."""
+    result = ctx.inputs["evaluation"].data
+    p = step.params
+    problems = []
+    if p["max_ppl_increase"] is not None and result["delta_ppl"] > p["max_ppl_increase"]:
+        problems.append(f"ΔPPL {result['delta_ppl']:+.2%} exceeds max_ppl_increase {p['max_ppl_increase']:.2%} "
+                        f"(PPL {result['ppl']:.3f} vs source {result['source_ppl']:.3f})")
+    if p["max_kld"] is not None and result["kld_mean"] > p["max_kld"]:
+        problems.append(f"KLD {result['kld_mean']:.4f} exceeds max_kld {p['max_kld']:.4f}")
+    parity = result.get("tokenizer")
+    if p["tokenizer_check"] and parity and not parity["same"]:
+        problems.append(f"tokenizer differs from the source's: {parity['first_difference']}")
+    if result.get("chat_template_missing"):
+        problems.append("the source has a chat template but the artifact does not embed it")
+    if problems and p["enforce"]:
+        raise GateFailed(f"gate {p['gate_name']} failed: " + "; ".join(problems))
+    gate = {"name": p["gate_name"], "passed": not problems, "enforced": p["enforce"], "problems": problems,
+            "max_ppl_increase": p["max_ppl_increase"], "max_kld": p["max_kld"]}
+    return {**result, "sample": ctx.inputs["check"].data.get("generated_text"), "gate": gate}
