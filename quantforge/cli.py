@@ -127,6 +127,8 @@ def _print_summary(data: dict, report_path: Path) -> None:
     from .report import artifact_rows, fmt_num, fmt_pct
 
     console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:
+        console.width = 140  # CI logs do not wrap; an 80-column guess would squeeze the table unreadable
     groups: dict[str, list[dict]] = {}
     for row in artifact_rows(data):
         group, _, gguf_type = row["artifact"].rpartition("/")
@@ -152,6 +154,56 @@ def _print_summary(data: dict, report_path: Path) -> None:
     counts = ", ".join(f"{v} {k}" for k, v in sorted(data["counts"].items()))
     verdict = "ok" if data["ok"] else "FAILED"
     console.print(f"{verdict}: {counts} in {data['seconds']:.1f} s; report {report_path}")
+
+
+@app.command("eval")
+def eval_(artifact: Annotated[Path, typer.Argument(help="A GGUF file to measure.", show_default=False)],
+          source: Annotated[str, typer.Option("--source", help="The model it was made from: a local folder or a "
+                                              "Hub repo id.", show_default=False)],
+          revision: Annotated[str, typer.Option("--revision", help="Hub revision of the source.")] = "main",
+          dataset: Annotated[str, typer.Option("--dataset", help="builtin | file:PATH | "
+                                               "hf:REPO:CONFIG:SPLIT:COLUMN")] = "builtin",
+          ctx: Annotated[int, typer.Option("--ctx", help="Tokens per window.")] = 512,
+          chunks: Annotated[int, typer.Option("--chunks", help="Number of windows.")] = 32,
+          max_ppl_increase: Annotated[float | None, typer.Option(
+              "--max-ppl-increase", help="Fail (exit 1) above this relative PPL increase, e.g. 0.05.")] = None,
+          max_kld: Annotated[float | None, typer.Option("--max-kld", help="Fail above this mean KLD.")] = None,
+          work_dir: WorkDirOpt = DEFAULT_WORK_DIR, json_output: JsonOpt = False, offline: OfflineOpt = False) -> None:
+    """Measure a GGUF against its source model: PPL, ΔPPL, KLD, top-1, tokenizer parity."""
+    from pydantic import ValidationError
+
+    from .config import EvaluationSettings
+    from .console import make_reporter
+    from .engine import BuildOptions, run_plan
+    from .errors import BadInputError
+    from .evaluate import plan_adhoc
+    from .plan import PlanContext
+    from .store import WorkDir
+
+    try:
+        try:
+            settings = EvaluationSettings(dataset=dataset, ctx=ctx, chunks=chunks)
+        except ValidationError as exc:
+            raise BadInputError("; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())) from None
+        work = WorkDir(work_dir)
+        context = PlanContext(work=work, offline=offline)
+        the_plan = plan_adhoc(artifact, source, revision, settings, context, max_ppl_increase, max_kld)
+        result = run_plan(the_plan, work, BuildOptions(keep_going=True), make_reporter(json_output))
+    except QuantforgeError as exc:
+        raise _fail(exc) from None
+    steps = {r.label: r for r in result.results}
+    evaluation = steps[f"{artifact.name}:evaluate"]
+    gate = steps[f"{artifact.name}:gate"]
+    if json_output:
+        typer.echo(json.dumps({"artifact": str(artifact), "ok": result.ok, **evaluation.data,
+                               "gate": gate.error or "pass"}, indent=2))
+    elif evaluation.data:
+        d = evaluation.data
+        typer.echo(f"{artifact.name}: PPL {d['ppl']:.4f} ± {d['ppl_err']:.4f} (source {d['source_ppl']:.4f}, "
+                   f"ΔPPL {d['delta_ppl']:+.2%}), KLD {d['kld_mean']:.5f} (p99 {d['kld_p99']:.5f}), "
+                   f"top-1 {d['top1']:.2%}, {d['tokens_scored']} tokens scored; tokenizer "
+                   f"{'matches' if d['tokenizer']['same'] else 'DIFFERS: ' + d['tokenizer']['first_difference']}")
+    raise typer.Exit(0 if result.ok else 1)
 
 
 @app.command()

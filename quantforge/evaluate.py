@@ -107,7 +107,9 @@ def run_tokens(step: Step, ctx: StepContext) -> dict[str, Any]:
 def run_reference(step: Step, ctx: StepContext) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the console shows our progress; this one would interleave with it
     source = ctx.inputs["source"]
     windows = np.load(ctx.inputs["tokens"].file(WINDOWS_FILE))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -151,3 +153,37 @@ def run_gate(step: Step, ctx: StepContext) -> dict[str, Any]:
     gate = {"name": p["gate_name"], "passed": not problems, "enforced": p["enforce"], "problems": problems,
             "max_ppl_increase": p["max_ppl_increase"], "max_kld": p["max_kld"]}
     return {**result, "sample": ctx.inputs["check"].data.get("generated_text"), "gate": gate}
+
+
+def plan_adhoc(artifact: Path, source: str, revision: str, settings: EvaluationSettings,
+               context: PlanContext, max_ppl_increase: float | None, max_kld: float | None):
+    """`quantforge eval`: score a GGUF made elsewhere against a source model, through the same steps (and
+    the same cache) as a build."""
+    from .config import Formats, GGUFTarget
+    from .errors import BadInputError
+    from .formats.gguf import external_step
+    from .plan import Plan, topological
+    from .sources import source_step
+
+    if not artifact.is_file() or artifact.suffix != ".gguf":
+        raise BadInputError(f"{artifact}: expected a .gguf file (quantized checkpoints come with GPTQ/AWQ)")
+    targets = Targets(path=Path.cwd() / "<quantforge eval>", models=())
+    model = ModelTarget(name="eval", source=source, revision=revision, formats=Formats(gguf=GGUFTarget()),
+                        evaluation=settings)
+    src = source_step(model, targets, context)
+    evaluation = plan_evaluation(model, targets, src, context)
+    file_step = external_step(artifact.resolve(), context)
+    evaluate = Step("gguf.evaluate", f"{artifact.name}:evaluate", params={},
+                    inputs={"artifact": file_step, "tokens": evaluation.tokens, "reference": evaluation.reference,
+                            "source": src}, tools=dict(context.memo("eval-tools", _libllama_tools)))
+    limits = settings.model_copy(update={"max_ppl_increase": {"gguf": max_ppl_increase} if max_ppl_increase
+                                         is not None else {}, "max_kld": {"gguf": max_kld} if max_kld
+                                         is not None else {}})
+    gate = gate_step(f"{artifact.name}:gate", "gguf", None, evaluate, file_step, limits, None, True, "eval")
+    return Plan(targets, topological([gate]))
+
+
+def _libllama_tools() -> dict[str, str]:
+    from .toolchains.llamacpp import llama_cpp_version
+
+    return {"libllama": llama_cpp_version()}

@@ -22,7 +22,7 @@ from ..toolchains import llamacpp
 from . import PlannedFormat
 
 if TYPE_CHECKING:
-    from ..engine import StepContext
+    from ..engine import StepContext, StepOutput
 
 INTERMEDIATE_FILE = "intermediate.gguf"
 VERIFY_PROMPT = "The capital of France is"
@@ -90,9 +90,29 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
     }
 
 
+def artifact_path(artifact: StepOutput) -> Path:
+    """A built artifact lives in its step folder; an external one (quantforge eval FILE) where it is."""
+    return Path(artifact.data["path"]) if "path" in artifact.data else artifact.file(artifact.data["file"])
+
+
+def external_step(path: Path, context: PlanContext) -> Step:
+    """A GGUF made elsewhere, identified by its content, as the input of an ad-hoc evaluation."""
+    from ..store import sha256_file
+
+    digest = context.memo(f"file:{path}", lambda: sha256_file(path))
+    return Step(kind="gguf.external", label=f"{path.name}:artifact", params={"path": str(path), "sha256": digest})
+
+
+def run_external(step: Step, ctx: StepContext) -> dict[str, Any]:
+    path = Path(step.params["path"])
+    info = llamacpp.describe_gguf(path)
+    info.pop("tensor_types")
+    return {"file": path.name, "path": str(path), "size": path.stat().st_size, **info}
+
+
 def run_verify(step: Step, ctx: StepContext) -> dict[str, Any]:
     artifact = ctx.inputs["artifact"]
-    gguf_file = artifact.file(artifact.data["file"])
+    gguf_file = artifact_path(artifact)
     result = llamacpp.load_and_generate(gguf_file, step.params["prompt"], step.params["tokens"], ctx.log_path,
                                         ctx.out_dir)
     if not result["generated_ids"]:
@@ -103,7 +123,7 @@ def run_verify(step: Step, ctx: StepContext) -> dict[str, Any]:
 def run_evaluate(step: Step, ctx: StepContext) -> dict[str, Any]:
     artifact = ctx.inputs["artifact"]
     tokens = ctx.inputs["tokens"]
-    gguf_file = artifact.file(artifact.data["file"])
+    gguf_file = artifact_path(artifact)
     result = llamacpp.evaluate(gguf_file, tokens.file(WINDOWS_FILE), ctx.inputs["reference"].file(REFERENCE_FILE),
                                tokens.file(SAMPLE_FILE), ctx.log_path, ctx.out_dir, ctx.options.threads)
     source_has_template = ctx.inputs["source"].data.get("has_chat_template", False)
