@@ -52,7 +52,8 @@ def score_window(logits: np.ndarray, window: np.ndarray, k: int = TOP_K) -> Refe
     logprobs = log_softmax(logits[first:-1])
     targets = window[first + 1:]
     nll = -logprobs[np.arange(len(targets)), targets].astype(np.float64)
-    top_ids = np.argpartition(-logprobs, k, axis=-1)[:, :k]  # O(vocab), then order just those k
+    k = min(k, logprobs.shape[-1])
+    top_ids = np.argpartition(-logprobs, k - 1, axis=-1)[:, :k]  # O(vocab), then order just those k
     order = np.argsort(-np.take_along_axis(logprobs, top_ids, axis=-1), axis=-1)
     top_ids = np.take_along_axis(top_ids, order, axis=-1).astype(np.int32)
     top_logprobs = np.take_along_axis(logprobs, top_ids, axis=-1).astype(np.float32)

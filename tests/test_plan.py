@@ -43,14 +43,19 @@ def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
     return {label for label in after if before.get(label) != after[label]}
 
 
-M_ALL = {"m:source", "m/gguf:convert", "m/gguf/Q4_K_M:quantize", "m/gguf/Q4_K_M:verify", "m/gguf/Q8_0:quantize",
-         "m/gguf/Q8_0:verify", "m/gguf:publish"}
+def artifact_steps(t: str) -> list[str]:
+    return [f"m/gguf/{t}:{k}" for k in ("quantize", "verify", "evaluate", "gate")]
+
+
+M_EVAL = {"m:eval-tokens", "m:eval-reference"}
+M_ALL = {"m:source", *M_EVAL, "m/gguf:convert", *artifact_steps("Q4_K_M"), *artifact_steps("Q8_0"),
+         "m/gguf:publish"}
 
 
 def test_plan_order_and_labels(write_targets, tmp_path):
     keys = plan_keys(write_targets, tmp_path)
-    assert list(keys)[:7] == ["m:source", "m/gguf:convert", "m/gguf/Q4_K_M:quantize", "m/gguf/Q4_K_M:verify",
-                              "m/gguf/Q8_0:quantize", "m/gguf/Q8_0:verify", "m/gguf:publish"]
+    assert list(keys)[:13] == ["m:source", "m:eval-tokens", "m:eval-reference", "m/gguf:convert",
+                               *artifact_steps("Q4_K_M"), *artifact_steps("Q8_0"), "m/gguf:publish"]
 
 
 def test_new_source_revision_makes_exactly_that_models_steps_stale(write_targets, tmp_path):
@@ -62,12 +67,12 @@ def test_new_source_revision_makes_exactly_that_models_steps_stale(write_targets
 def test_adding_a_type_adds_its_steps_and_republishes_only(write_targets, tmp_path):
     before = plan_keys(write_targets, tmp_path)
     after = plan_keys(write_targets, tmp_path, types="[Q4_K_M, Q8_0, Q6_K]")
-    assert changed(before, after) == {"m/gguf/Q6_K:quantize", "m/gguf/Q6_K:verify", "m/gguf:publish"}
+    assert changed(before, after) == {*artifact_steps("Q6_K"), "m/gguf:publish"}
 
 
 def test_intermediate_type_changes_convert_and_everything_after_it(write_targets, tmp_path):
     before = plan_keys(write_targets, tmp_path)
-    assert changed(before, plan_keys(write_targets, tmp_path, inter="bf16")) == M_ALL - {"m:source"}
+    assert changed(before, plan_keys(write_targets, tmp_path, inter="bf16")) == M_ALL - {"m:source", *M_EVAL}
 
 
 def test_libllama_version_makes_quantize_and_verify_stale_not_convert(write_targets, tmp_path, monkeypatch):
@@ -78,7 +83,7 @@ def test_libllama_version_makes_quantize_and_verify_stale_not_convert(write_targ
     monkeypatch.setattr(llamacpp, "llama_cpp_version", lambda: "9.9.9")
     after = plan_keys(write_targets, tmp_path, llama_cpp_dir=str(checkout))
     stale = changed(before, after)
-    assert "m/gguf:convert" not in stale and "m:source" not in stale
+    assert not stale & {"m/gguf:convert", "m:source", *M_EVAL}
     assert {"m/gguf/Q4_K_M:quantize", "m/gguf/Q8_0:verify", "m/gguf:publish", "other/gguf/Q8_0:quantize"} <= stale
 
 
@@ -89,7 +94,28 @@ def test_converter_version_makes_convert_and_everything_after_it_stale(write_tar
     before = plan_keys(write_targets, tmp_path, llama_cpp_dir=str(checkout))
     (checkout / "convert_hf_to_gguf.py").write_text("# v2\n")
     after = plan_keys(write_targets, tmp_path, llama_cpp_dir=str(checkout))
-    assert {s for s in changed(before, after) if s.startswith("m")} == M_ALL - {"m:source"}
+    assert {s for s in changed(before, after) if s.startswith("m")} == M_ALL - {"m:source", *M_EVAL}
+
+
+def test_gate_change_reruns_only_gates_and_publish(write_targets, tmp_path):
+    def keys(gate: str = "", enforce: bool = True) -> dict[str, str]:
+        path = write_targets(f"""
+            models:
+              - name: m
+                source: org/m
+                revision: '{SHA1}'
+                formats: {{gguf: {{types: [Q8_0]}}}}
+                publish: {{to: 'dir:./out'}}
+                evaluation: {{max_ppl_increase: {{{gate}}}}}
+            """)
+        context = PlanContext(work=WorkDir(tmp_path / "work"), offline=True, enforce_gates=enforce)
+        return {s.label: s.key for s in build_plan(load_targets(path), context).steps}
+
+    before = keys()
+    assert changed(before, keys(enforce=False)) == {"m/gguf/Q8_0:gate", "m/gguf:publish"}
+    assert changed(before, keys(gate="gguf/q8_0: 0.5")) == {"m/gguf/Q8_0:gate", "m/gguf:publish"}
+    assert changed(before, keys(gate="gguf: 0.5")) == {"m/gguf/Q8_0:gate", "m/gguf:publish"}
+    assert changed(before, keys(gate="gguf/Q4_K_M: 0.5")) == set()  # another type's gate
 
 
 def test_local_source_digest_follows_file_contents(write_targets, tmp_path):
