@@ -134,7 +134,7 @@ def test_gate_failure_says_which_gate_and_by_how_much(tmp_path):
                                          r"15\.00% \(PPL 12\.000 vs source 10\.000\)"):
         _gate(tmp_path, MEASURED)
     assert _gate(tmp_path, MEASURED, max_ppl_increase={"gguf": 0.25})["gate"]["passed"]
-    with pytest.raises(GateFailed, match="KLD 0.0500 exceeds max_kld 0.0100"):
+    with pytest.raises(GateFailed, match=r"KLD 0\.0500 exceeds max_kld 0\.0100"):
         _gate(tmp_path, MEASURED, max_ppl_increase={"gguf": 0.25}, max_kld={"gguf/Q4_K_M": 0.01})
 
 

@@ -22,8 +22,10 @@ def tiny_build(tmp_path_factory, tiny_models):
     """One build of all four tiny families (shared: conversions are the slow part)."""
     root = tmp_path_factory.mktemp("tiny-build")
     models = "\n".join(f"  - {{name: tiny-{f}, source: {tiny_models(f)}}}" for f in FAMILIES)
+    # random weights: near-uniform distributions, so only the mechanics are measured, with loose gates
     (root / "targets.yaml").write_text(
         "defaults:\n  publish: {to: 'dir:./out', namespace: t}\n  formats: {gguf: {types: [Q8_0, Q4_K_M]}}\n"
+        "  evaluation: {ctx: 64, chunks: 4, max_ppl_increase: {gguf: 0.5}, tokenizer_check: false}\n"
         f"models:\n{models}\n")
     proc = quantforge("build", str(root / "targets.yaml"), "--work-dir", str(root / "work"), "--json")
     return root, proc
@@ -58,6 +60,35 @@ def test_tiny_family_converts_quantizes_and_runs_in_llama_cpp(tiny_build, family
         assert published.is_file()
     manifest = json.loads((published.parent / "quantforge.json").read_text())
     assert set(manifest["artifacts"]) == {"Q8_0", "Q4_K_M"}
+    evaluation = manifest["artifacts"]["Q8_0"]["check"]
+    assert evaluation["tokens_scored"] == 4 * 31 and evaluation["gate"]["passed"]
+    # random weights predict near-uniformly: PPL is about the vocabulary size, and Q8_0 barely moves it
+    assert evaluation["source_ppl"] > vocab_size / 3 and abs(evaluation["delta_ppl"]) < 0.01
+
+
+@pytest.mark.parametrize(("family", "same"), [("llama", True), ("qwen2", True), ("qwen3", True), ("mistral", False)])
+def test_gguf_tokenizer_parity_with_the_source(tiny_build, family, same):
+    """llama.cpp's tokenizer against the HF one on the evaluation sample (with non-ASCII probes). The tiny
+    Mistral's HF tokenizer is transformers' reconstruction of llama.cpp's SPM vocab, and it splits 'café'
+    differently from llama.cpp: the check must catch exactly that kind of mismatch."""
+    _, proc = tiny_build
+    steps = {s["label"]: s for s in json.loads(proc.stdout)["steps"]}
+    parity = steps[f"tiny-{family}/gguf/Q8_0:evaluate"]["data"]["tokenizer"]
+    assert parity["same"] is same, parity
+
+
+def test_tokenizer_mismatch_fails_the_gate_and_publishes_nothing(tiny_build, tmp_path):
+    root, _ = tiny_build
+    text = (root / "targets.yaml").read_text().replace("tokenizer_check: false", "tokenizer_check: true")
+    text = text.replace("dir:./out", f"dir:{tmp_path / 'out'}")
+    (root / "strict.yaml").write_text(text)
+    proc = quantforge("build", str(root / "strict.yaml"), "--work-dir", str(root / "work"), "--only", "tiny-mistral")
+    assert proc.returncode == 1
+    assert "gate gguf/Q8_0 failed: tokenizer differs from the source's: at token" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    report = json.loads((root / "work" / "reports" / "latest.json").read_text())
+    ran = {s["label"] for s in report["steps"] if s["status"] not in ("reused", "not-run")}
+    assert ran == {"tiny-mistral/gguf/Q8_0:gate"}  # only the gate's parameter changed: nothing re-measured
 
 
 def test_header_reader_agrees_with_gguf_py(tiny_build):
@@ -88,15 +119,17 @@ def test_unknown_bpe_tokenizer_is_a_clear_error(tmp_path, converter):
 def test_smollm2_demo_builds_verifies_and_rebuilds_nothing(tmp_path, smollm2_checkpoint):
     """The real model: Q8_0 and Q4_K_M complete the verification prompt correctly in llama.cpp."""
     targets = tmp_path / "smollm2.yaml"
-    targets.write_text(f"""
+    spec = """
 defaults:
   publish: {{to: 'dir:./out', namespace: demo}}
+  evaluation: {{ctx: 256, chunks: 4}}
 models:
   - name: SmolLM2-135M-Instruct
-    source: {smollm2_checkpoint}
+    source: {source}
     formats:
-      gguf: {{types: [Q8_0, Q4_K_M]}}
-""")
+      gguf: {{types: [{types}]}}
+"""
+    targets.write_text(spec.format(source=smollm2_checkpoint, types="Q8_0, Q4_K_M, F16"))
     work = str(tmp_path / "work")
     first = quantforge("build", str(targets), "--work-dir", work, "--json")
     assert first.returncode == 0, first.stderr
@@ -105,6 +138,14 @@ models:
     for gguf_type in ("Q8_0", "Q4_K_M"):
         verify = steps[f"SmolLM2-135M-Instruct/gguf/{gguf_type}:verify"]["data"]
         assert verify["generated_text"].startswith(" Paris"), verify["generated_text"]
+    evaluation = {t: steps[f"SmolLM2-135M-Instruct/gguf/{t}:evaluate"]["data"] for t in ("Q8_0", "Q4_K_M", "F16")}
+    source_ppl = steps["SmolLM2-135M-Instruct:eval-reference"]["data"]["ppl"]
+    # same token ids in torch and llama.cpp: the F16 file reproduces the source's perplexity
+    assert f"{evaluation['F16']['ppl']:.4g}" == f"{source_ppl:.4g}"
+    assert evaluation["F16"]["kld_mean"] < 1e-3 and evaluation["F16"]["top1"] > 0.98
+    assert 0 < evaluation["Q8_0"]["delta_ppl"] < 0.02 < evaluation["Q4_K_M"]["delta_ppl"] < 0.15
+    assert evaluation["Q8_0"]["kld_mean"] < evaluation["Q4_K_M"]["kld_mean"]
+    assert all(e["tokenizer"]["same"] and e["chat_template"] for e in evaluation.values())
     q4 = steps["SmolLM2-135M-Instruct/gguf/Q4_K_M:quantize"]["data"]
     assert q4["has_chat_template"] and q4["tokenizer_pre"] == "smollm"
     # 576-wide rows: llama.cpp substitutes Q5_0 / Q8_0 for the K-quants, and says so
@@ -116,12 +157,32 @@ models:
     assert set(json.loads(second.stdout)["counts"]) == {"reused"}
 
     plan = quantforge("plan", str(targets), "--work-dir", work)
-    assert "0 of 7 steps to run" in plan.stdout
+    assert "0 of 17 steps to run" in plan.stdout
 
     # deleting the published folder republishes (copies only), nothing is rebuilt
     import shutil
 
+    repo = tmp_path / "out" / "demo" / "SmolLM2-135M-Instruct-GGUF"
     shutil.rmtree(tmp_path / "out")
     third = json.loads(quantforge("build", str(targets), "--work-dir", work, "--json").stdout)
-    assert third["counts"] == {"reused": 6, "built": 1}
-    assert (tmp_path / "out" / "demo" / "SmolLM2-135M-Instruct-GGUF" / "SmolLM2-135M-Instruct-Q8_0.gguf").is_file()
+    assert third["counts"] == {"reused": 16, "built": 1}
+    assert (repo / "SmolLM2-135M-Instruct-Q8_0.gguf").is_file()
+    published_manifest = (repo / "quantforge.json").read_text()
+
+    # corrupt the F16 intermediate's tensor data (as a bad conversion would), then add a type made from it
+    intermediate = Path(steps["SmolLM2-135M-Instruct/gguf:convert"]["output_dir"]) / "intermediate.gguf"
+    size = intermediate.stat().st_size
+    with open(intermediate, "r+b") as f:
+        f.seek(size // 3)
+        f.write(bytes(size - size // 3))
+    targets.write_text(spec.format(source=smollm2_checkpoint, types="Q8_0, Q4_K_M, F16, Q4_0"))
+    fourth = quantforge("build", str(targets), "--work-dir", work, "--json")
+    assert fourth.returncode == 1
+    statuses = {s["label"]: s for s in json.loads(fourth.stdout)["steps"]}
+    gate = statuses["SmolLM2-135M-Instruct/gguf/Q4_0:gate"]
+    assert gate["status"] == "failed" and "gate gguf/Q4_0 failed: ΔPPL +" in gate["error"]
+    assert statuses["SmolLM2-135M-Instruct/gguf:publish"]["status"] == "not-run"  # the build stopped there
+    # the reference and token windows were reused, not recomputed
+    assert statuses["SmolLM2-135M-Instruct:eval-reference"]["status"] == "reused"
+    assert not (repo / "SmolLM2-135M-Instruct-Q4_0.gguf").exists()
+    assert (repo / "quantforge.json").read_text() == published_manifest
