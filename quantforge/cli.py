@@ -156,6 +156,33 @@ def _print_summary(data: dict, report_path: Path) -> None:
     console.print(f"{verdict}: {counts} in {data['seconds']:.1f} s; report {report_path}")
 
 
+@app.command()
+def card(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only: OnlyOpt = None,
+         offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None) -> None:
+    """Render each repo's model card from what the last build made, without publishing."""
+    from .engine import StepOutput
+    from .errors import BadInputError
+    from .publish import CARD_FILE, render_card
+
+    try:
+        the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp)
+        for step in the_plan.steps:
+            if step.kind != "publish":
+                continue
+            inputs = {}
+            for role, dep in step.inputs.items():
+                manifest = work.lookup(dep.kind, dep.key)
+                if manifest is None:
+                    raise BadInputError(f"{step.params['repo_id']}: {dep.label} is not built; run quantforge build")
+                inputs[role] = StepOutput(work.step_dir(dep.kind, dep.key), manifest)
+            path = work.root / "cards" / step.params["repo_id"] / CARD_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(render_card(step, inputs), encoding="utf-8")
+            typer.echo(str(path))
+    except QuantforgeError as exc:
+        raise _fail(exc) from None
+
+
 @app.command("eval")
 def eval_(artifact: Annotated[Path, typer.Argument(help="A GGUF file to measure.", show_default=False)],
           source: Annotated[str, typer.Option("--source", help="The model it was made from: a local folder or a "

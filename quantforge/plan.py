@@ -128,7 +128,7 @@ def build_plan(targets: Targets, context: PlanContext) -> Plan:
             fmt = FORMATS[fmt_name]
             artifacts = fmt.plan(model, getattr(model.formats, fmt_name), src, evaluation, context)
             steps.extend(artifacts.steps)
-            steps.append(publish_step(model, fmt_name, artifacts.publishable, src, targets))
+            steps.append(publish_step(model, fmt_name, artifacts.publishable, src, evaluation.tokens, targets))
     return Plan(targets, topological(steps))
 
 

@@ -35,7 +35,7 @@ VERSIONS = {
     "eval.tokens": "1",
     "eval.reference": "1",
     "gate": "1",
-    "publish": "1",
+    "publish": "2",
 }
 
 # Kinds whose effect lives outside the work dir say whether a cached output still holds (None = it does).

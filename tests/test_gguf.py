@@ -152,6 +152,15 @@ models:
     assert {(f["wanted"], f["used"]) for f in q4["fallbacks"]} <= {("q4_K", "q5_0"), ("q6_K", "q8_0")}
     assert len(q4["fallbacks"]) > 100
 
+    repo = tmp_path / "out" / "demo" / "SmolLM2-135M-Instruct-GGUF"
+    card = (repo / "README.md").read_text()
+    for gguf_type in ("Q8_0", "Q4_K_M", "F16"):
+        assert f"| [SmolLM2-135M-Instruct-{gguf_type}.gguf](./SmolLM2-135M-Instruct-{gguf_type}.gguf) |" in card
+    assert "<|im_start|>" in card and "library_name: gguf" in card
+    rendered = quantforge("card", str(targets), "--work-dir", work)
+    assert rendered.returncode == 0, rendered.stderr
+    assert Path(rendered.stdout.strip()).read_text() == card  # `quantforge card` renders what was published
+
     second = quantforge("build", str(targets), "--work-dir", work, "--json")
     assert second.returncode == 0
     assert set(json.loads(second.stdout)["counts"]) == {"reused"}
@@ -162,7 +171,6 @@ models:
     # deleting the published folder republishes (copies only), nothing is rebuilt
     import shutil
 
-    repo = tmp_path / "out" / "demo" / "SmolLM2-135M-Instruct-GGUF"
     shutil.rmtree(tmp_path / "out")
     third = json.loads(quantforge("build", str(targets), "--work-dir", work, "--json").stdout)
     assert third["counts"] == {"reused": 16, "built": 1}

@@ -82,6 +82,7 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
     return {
         "type": step.params["type"],
         "file": out_file.name,
+        "converter": ctx.inputs["intermediate"].data.get("converter"),
         "size": out_file.stat().st_size,
         "quantize_seconds": result["seconds"],
         # llama.cpp silently substitutes types for tensors whose rows do not fit a K-quant's 256-blocks

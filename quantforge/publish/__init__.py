@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import __version__
+from ..card import CARD_FILE, card_template_version
+
+__all__ = ["CARD_FILE", "REPO_MANIFEST", "Publisher", "publish_step", "render_card", "run_publish"]
 from ..config import ModelTarget, Targets
 from ..plan import Step
 
 if TYPE_CHECKING:
-    from ..engine import StepContext
+    from ..engine import StepContext, StepOutput
 
-REPO_MANIFEST = "quantforge.json"
+REPO_MANIFEST = "quantforge.json"  # source commit, parameters, metrics, file hashes: the basis for skip-unchanged
 
 
 class Publisher(Protocol):
@@ -42,7 +45,7 @@ def publisher_for(to: str) -> Publisher:
 
 
 def publish_step(model: ModelTarget, fmt: str, publishable: dict[str, tuple[Step, Step]], source: Step,
-                 targets: Targets) -> Step:
+                 tokens: Step, targets: Targets) -> Step:
     to = model.publish.to
     if to.startswith("dir:"):
         to = f"dir:{targets.resolve_path(to[4:])}"
@@ -51,10 +54,11 @@ def publish_step(model: ModelTarget, fmt: str, publishable: dict[str, tuple[Step
         inputs[f"artifact:{name}"] = artifact
         inputs[f"check:{name}"] = check
     inputs["source"] = source
+    inputs["tokens"] = tokens  # the evaluation's text and windows, described in the card
     return Step(kind="publish", label=f"{model.name}/{fmt}:publish",
                 params={"to": to, "repo_id": f"{model.publish.namespace}/{model.publish.repo_name(model.name, fmt)}",
-                        "private": model.publish.private, "format": fmt},
-                inputs=inputs, model=model.name, fmt=fmt)
+                        "private": model.publish.private, "format": fmt, "namespace": model.publish.namespace},
+                inputs=inputs, tools={"card-template": card_template_version(fmt)}, model=model.name, fmt=fmt)
 
 
 def _artifact_files(ctx: StepContext) -> dict[str, tuple[Path, str]]:
@@ -88,9 +92,12 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
     }
     manifest_file = ctx.out_dir / REPO_MANIFEST
     manifest_file.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    card_file = ctx.out_dir / CARD_FILE
+    card_file.write_text(render_card(step, ctx.inputs), encoding="utf-8")
     from ..store import sha256_file
 
-    files = {**_artifact_files(ctx), REPO_MANIFEST: (manifest_file, sha256_file(manifest_file))}
+    files = {**_artifact_files(ctx), REPO_MANIFEST: (manifest_file, sha256_file(manifest_file)),
+             CARD_FILE: (card_file, sha256_file(card_file))}
     publisher = publisher_for(step.params["to"])
     commit = source.manifest["params"].get("commit") or source.manifest["params"].get("digest", "")
     result = publisher.publish(step.params["repo_id"], files, private=step.params["private"],
@@ -98,6 +105,16 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
                                        f"@ {commit[:12]}")
     return {"repo_id": step.params["repo_id"], "to": step.params["to"],
             "files": {name: sha for name, (_, sha) in files.items()}, **result}
+
+
+def render_card(step: Step, inputs: dict[str, StepOutput]) -> str:
+    """The repo's model card, from the outputs of the publish step's inputs (also used by `quantforge card`)."""
+    from ..card import render_gguf_card
+
+    artifacts = {role.split(":", 1)[1]: (out, inputs[f"check:{role.split(':', 1)[1]}"])
+                 for role, out in inputs.items() if role.startswith("artifact:")}
+    return render_gguf_card(repo_id=step.params["repo_id"], model=step.model, namespace=step.params["namespace"],
+                            source=inputs["source"], artifacts=artifacts, tokens=inputs.get("tokens"))
 
 
 def check_published(step: Step, manifest: dict[str, Any]) -> str | None:

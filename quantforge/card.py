@@ -1,0 +1,125 @@
+"""Model cards for published repos, rendered with huggingface_hub's card tooling from a Jinja template.
+
+The card says which file to pick and proves what was measured: the quant table comes from the same
+evaluation the gates used, and the provenance from the steps' manifests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .engine import StepOutput
+
+CARD_FILE = "README.md"
+
+
+def card_template(fmt: str) -> str:
+    return resources.files("quantforge").joinpath(f"templates/{fmt}_card.md.jinja").read_text(encoding="utf-8")
+
+
+def card_template_version(fmt: str) -> str:
+    """Part of the publish step's key: editing the template republishes the cards."""
+    return hashlib.sha256(card_template(fmt).encode()).hexdigest()[:16]
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _pct(value: float | None, signed: bool = True) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.2%}" if signed else f"{value:.1%}"
+
+
+def source_card(path: Path) -> tuple[dict[str, Any], str]:
+    """The source checkpoint's own card: its metadata and its text (without front matter)."""
+    from huggingface_hub import ModelCard
+
+    readme = path / CARD_FILE
+    if not readme.is_file():
+        return {}, ""
+    card = ModelCard.load(readme)
+    return card.data.to_dict(), card.text.strip()
+
+
+def chat_template(path: Path) -> str | None:
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text().strip()
+    try:
+        template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    return template if isinstance(template, str) else None
+
+
+def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOutput,
+                     artifacts: dict[str, tuple[StepOutput, StepOutput]], tokens: StepOutput | None) -> str:
+    """artifacts: type -> (quantize output, gate output)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    params = source.manifest["params"]
+    source_dir = Path(source.data["path"])
+    is_hub = "commit" in params
+    meta, text = source_card(source_dir)
+    rows = []
+    fallback_pairs: dict[str, int] = {}
+    for qtype, (quant, gate) in artifacts.items():
+        q, g = quant.data, gate.data
+        for f in q.get("fallbacks", []):
+            pair = f"{f['wanted']}→{f['used']}"
+            fallback_pairs[pair] = fallback_pairs.get(pair, 0) + 1
+        n_fb = len(q.get("fallbacks", []))
+        rows.append({
+            "file": q["file"], "type": qtype, "size": _size(q["size"]), "size_bytes": q["size"],
+            "bpw": f"{q['bits_per_weight']:.2f}" if q.get("bits_per_weight") else "-",
+            "ppl": f"{g['ppl']:.3f} ± {g['ppl_err']:.3f}" if "ppl" in g else "-",
+            "delta_ppl": _pct(g.get("delta_ppl")),
+            "kld": f"{g['kld_mean']:.4f}" if "kld_mean" in g else "-",
+            "top1": _pct(g.get("top1"), signed=False),
+            "notes": f"{n_fb} tensor{'s' if n_fb > 1 else ''} fell back" if n_fb else "",
+            "memory": _size(int(q["size"] * 1.15 + 0.5e9)),
+        })
+    first_gate = next(iter(artifacts.values()))[1].data
+    tok = tokens.manifest["params"] if tokens else {}
+    eval_desc = (f"`{tok.get('dataset')}`, {tok.get('chunks')} windows of {tok.get('ctx')} tokens, second half "
+                 "of each scored" if tok else "not measured")
+    types = [r["type"] for r in rows]
+    default_type = next((t for t in ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0") if t in types), types[0])
+    first_quant = next(iter(artifacts.values()))[0]
+    arch = first_quant.data.get("architecture")
+    data = ModelCardData(
+        base_model=params["source"] if is_hub else None,
+        license=meta.get("license"),
+        license_name=meta.get("license_name"),
+        license_link=meta.get("license_link"),
+        language=meta.get("language"),
+        library_name="gguf",
+        pipeline_tag=meta.get("pipeline_tag") or "text-generation",
+        tags=sorted({"gguf", "llama.cpp", "quantized", "quantforge", *([arch] if arch else [])}),
+        quantized_by=namespace,
+        **({"base_model_relation": "quantized"} if is_hub else {}),
+    )
+    card = ModelCard.from_template(
+        data, template_str=card_template("gguf"),
+        repo_id=repo_id, model=model, source=params["source"],
+        source_url=f"https://huggingface.co/{params['source']}" if is_hub else None,
+        source_revision=params.get("commit") or params.get("digest", "")[:16],
+        artifacts=rows, by_size=sorted(rows, key=lambda r: r["size_bytes"]),
+        source_ppl=f"{first_gate['source_ppl']:.3f}" if "source_ppl" in first_gate else "-",
+        tokens_scored=first_gate.get("tokens_scored", 0), eval_desc=eval_desc,
+        fallbacks=", ".join(f"{n}× {p}" for p, n in sorted(fallback_pairs.items())),
+        default_type=default_type, chat_template=chat_template(source_dir),
+        converter=first_quant.data.get("converter", "llama.cpp's convert_hf_to_gguf.py"),
+        libllama=first_quant.manifest["tools"].get("libllama", "?"), quantforge_version=__version__,
+        build_date=time.strftime("%Y-%m-%d", time.gmtime()), source_card=text,
+    )
+    return str(card)
