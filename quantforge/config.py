@@ -63,7 +63,7 @@ class Formats(_Strict):
 class PublishTarget(_Strict):
     """`publish`: where finished, verified artifacts go."""
 
-    to: str = "dir:./dist"
+    to: str = "dir:./dist"  # hub | dir:PATH
     namespace: str = "local"
     private: bool = False
     repo: str = "{model}-{FORMAT}"
@@ -71,11 +71,9 @@ class PublishTarget(_Strict):
     @field_validator("to")
     @classmethod
     def _known_publisher(cls, value: str) -> str:
-        if value.startswith("dir:") and len(value) > 4:
+        if (value.startswith("dir:") and len(value) > 4) or value == "hub":
             return value
-        if value == "hub":
-            raise ValueError("the Hub publisher is not available in this version; use dir:PATH")
-        raise ValueError("expected dir:PATH (a folder laid out like Hub repos)")
+        raise ValueError("expected hub, or dir:PATH (a folder laid out like Hub repos)")
 
     @field_validator("namespace")
     @classmethod

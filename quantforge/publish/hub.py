@@ -1,0 +1,124 @@
+"""Publisher to the Hugging Face Hub: one commit per build, nothing uploaded twice, no empty commits.
+
+Files already on the Hub with the same content are skipped (LFS files by sha256, regular files by git blob
+sha1), and when nothing changed no commit is made. Transient failures (429, 5xx, dropped connections) are
+retried with exponential backoff around each Hub call; a commit is atomic on the Hub, so a failure leaves
+the repo as it was. The token comes from HF_TOKEN or `hf auth login` (huggingface_hub's own lookup) and is
+never logged or put in a message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import PublishError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The id git (and the Hub) gives a regular file's content."""
+    h = hashlib.sha1()
+    h.update(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _transient(exc: BaseException) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, HfHubHTTPError):
+        status = getattr(exc.response, "status_code", None)
+        return status in RETRY_STATUS
+    for module in ("httpx2", "httpx"):  # huggingface_hub 2.x ships its HTTP client as httpx2
+        try:
+            transport_error = __import__(module).TransportError
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(exc, transport_error):
+            return True
+    return isinstance(exc, ConnectionError | TimeoutError)
+
+
+class HubPublisher:
+    def __init__(self, *, endpoint: str | None = None, token: str | None = None, retries: int = 5,
+                 backoff_seconds: float = 2.0, sleep: Callable[[float], None] = time.sleep):
+        from huggingface_hub import HfApi
+
+        self.api = HfApi(endpoint=endpoint, token=token)
+        self.retries = retries
+        self.backoff_seconds = backoff_seconds
+        self.sleep = sleep
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return fn()
+            except Exception as exc:
+                if not _transient(exc) or attempt == self.retries:
+                    raise PublishError(f"{what} failed: {_describe(exc)}") from None
+                wait = self.backoff_seconds * 2**attempt
+                log.warning("%s: %s; retrying in %.1f s (%d/%d)", what, _describe(exc), wait, attempt + 1,
+                            self.retries)
+                self.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def remote_files(self, repo_id: str) -> dict[str, tuple[str | None, str | None]]:
+        """path -> (lfs sha256, git blob sha1) of what the repo's main branch holds."""
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        def listing() -> dict[str, tuple[str | None, str | None]]:
+            try:
+                entries = self.api.list_repo_tree(repo_id, recursive=True)
+                return {e.path: (e.lfs.sha256 if getattr(e, "lfs", None) else None, getattr(e, "blob_id", None))
+                        for e in entries if hasattr(e, "blob_id")}
+            except RepositoryNotFoundError:
+                return {}
+
+        return self._call(f"listing {repo_id}", listing)
+
+    def publish(self, repo_id: str, files: dict[str, tuple[Path, str]], *, private: bool,
+                message: str) -> dict[str, Any]:
+        from huggingface_hub import CommitOperationAdd
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()  # the build's own progress is on the console; tqdm bars would interleave
+        url = self._call(f"creating {repo_id}", lambda: self.api.create_repo(repo_id, private=private,
+                                                                              exist_ok=True))
+        remote = self.remote_files(repo_id)
+        uploads, unchanged = [], []
+        for name, (path, sha256) in sorted(files.items()):
+            lfs_sha, blob_sha = remote.get(name, (None, None))
+            if lfs_sha == sha256 or (lfs_sha is None and blob_sha and blob_sha == git_blob_sha1(path)):
+                unchanged.append(name)
+            else:
+                uploads.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)))
+        result: dict[str, Any] = {"location": str(url), "uploaded": [op.path_in_repo for op in uploads],
+                                  "unchanged": unchanged, "commit": None}
+        if uploads:
+            info = self._call(f"committing to {repo_id}", lambda: self.api.create_commit(
+                repo_id, operations=uploads, commit_message=message))
+            result["commit"] = info.oid
+        return result
+
+    def missing(self, repo_id: str, files: dict[str, str]) -> list[str]:
+        remote = self.remote_files(repo_id)
+        # a regular file's sha256 is not on the Hub; its presence is what this cheap check can say
+        return [name for name, sha in files.items()
+                if name not in remote or (remote[name][0] is not None and remote[name][0] != sha)]
+
+
+def _describe(exc: BaseException) -> str:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"HTTP {status}: {first_line}" if status else f"{type(exc).__name__}: {first_line}"

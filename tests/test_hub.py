@@ -1,0 +1,118 @@
+"""The Hub publisher against a loopback Hub, with the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from hub_server import HubServer
+
+from quantforge.errors import PublishError
+from quantforge.publish.hub import HubPublisher
+from quantforge.store import sha256_file
+
+TOKEN = "hf_quantforgeTestTokenDoNotLeak123"
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the documented LFS path
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    with HubServer() as server:
+        yield server
+
+
+@pytest.fixture
+def repo_files(tmp_path):
+    files = {"model-Q4_K_M.gguf": b"GGUF" + bytes(range(256)) * 40, "model-Q8_0.gguf": b"GGUF" + b"\x01" * 9000,
+             "README.md": b"---\nlibrary_name: gguf\n---\n# card\n", "quantforge.json": b'{"v": 1}\n'}
+
+    def make(**changes: bytes) -> dict:
+        out = {}
+        for name, content in {**files, **changes}.items():
+            path = tmp_path / name
+            path.write_bytes(content)
+            out[name] = (path, sha256_file(path))
+        return out
+
+    return make
+
+
+def publisher(hub: HubServer) -> HubPublisher:
+    return HubPublisher(endpoint=hub.url, token=TOKEN, backoff_seconds=0.01)
+
+
+def test_first_push_creates_the_repo_in_one_commit(hub, repo_files):
+    result = publisher(hub).publish("acme/m-GGUF", repo_files(), private=True, message="quantforge: m")
+    repo = hub.repos["acme/m-GGUF"]
+    assert repo.private and len(repo.commits) == 1 and repo.commits[0]["summary"] == "quantforge: m"
+    assert set(repo.files) == {"model-Q4_K_M.gguf", "model-Q8_0.gguf", "README.md", "quantforge.json"}
+    assert repo.files["model-Q8_0.gguf"]["lfs"] and not repo.files["README.md"]["lfs"]
+    assert sorted(result["uploaded"]) == sorted(repo.files) and result["commit"] == repo.commits[0]["oid"]
+
+
+def test_identical_push_makes_no_commit(hub, repo_files):
+    publisher(hub).publish("acme/m-GGUF", repo_files(), private=False, message="one")
+    puts = len(hub.uploads())
+    again = publisher(hub).publish("acme/m-GGUF", repo_files(), private=False, message="two")
+    assert again["uploaded"] == [] and again["commit"] is None
+    assert len(hub.repos["acme/m-GGUF"].commits) == 1 and len(hub.uploads()) == puts
+    assert len([r for r in hub.requests if "/commit/" in r[1]]) == 1  # the second push did not even try
+
+
+def test_changed_artifact_makes_one_commit_uploading_only_it(hub, repo_files):
+    publisher(hub).publish("acme/m-GGUF", repo_files(), private=False, message="one")
+    puts = len(hub.uploads())
+    result = publisher(hub).publish("acme/m-GGUF", repo_files(**{"model-Q8_0.gguf": b"GGUF" + b"\x02" * 9000}),
+                                    private=False, message="two")
+    assert result["uploaded"] == ["model-Q8_0.gguf"]
+    commits = hub.repos["acme/m-GGUF"].commits
+    assert len(commits) == 2 and commits[1]["files"] == ["model-Q8_0.gguf"]
+    assert len(hub.uploads()) == puts + 1
+
+
+@pytest.mark.parametrize(("method", "fragment", "action"), [
+    ("PUT", "/lfs-upload/", 500), ("POST", "/commit/", 429), ("POST", "/commit/", 503),
+    ("POST", "/commit/", "drop"), ("POST", "/preupload/", 502), ("GET", "/tree/", "drop")])
+def test_transient_failures_are_retried(hub, repo_files, method, fragment, action):
+    hub.fail(method, fragment, action, times=2)
+    result = publisher(hub).publish("acme/m-GGUF", repo_files(), private=False, message="one")
+    assert result["commit"] and len(hub.repos["acme/m-GGUF"].commits) == 1
+    assert len(hub.repos["acme/m-GGUF"].files) == 4
+
+
+def test_persistent_failure_is_a_clear_error_and_leaves_no_commit(hub, repo_files):
+    publisher(hub).publish("acme/m-GGUF", repo_files(), private=False, message="one")
+    hub.fail("POST", "/commit/", 500, times=100)
+    with pytest.raises(PublishError, match=r"committing to acme/m-GGUF failed: HTTP 500"):
+        publisher(hub).publish("acme/m-GGUF", repo_files(**{"model-Q8_0.gguf": b"GGUF changed"}),
+                               private=False, message="two")
+    repo = hub.repos["acme/m-GGUF"]
+    assert len(repo.commits) == 1 and repo.files["model-Q8_0.gguf"]["size"] == 9004
+
+
+def test_missing_reports_deleted_or_changed_files(hub, repo_files):
+    files = repo_files()
+    pub = publisher(hub)
+    pub.publish("acme/m-GGUF", files, private=False, message="one")
+    hashes = {name: sha for name, (_, sha) in files.items()}
+    assert pub.missing("acme/m-GGUF", hashes) == []
+    del hub.repos["acme/m-GGUF"].files["model-Q8_0.gguf"]
+    assert pub.missing("acme/m-GGUF", {**hashes, "model-Q4_K_M.gguf": "0" * 64}) == ["model-Q4_K_M.gguf",
+                                                                                     "model-Q8_0.gguf"]
+    assert sorted(pub.missing("acme/other", hashes)) == sorted(hashes)
+
+
+def test_the_token_is_sent_but_never_logged(hub, repo_files, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    hub.fail("POST", "/commit/", 500, times=1)
+    publisher(hub).publish("acme/m-GGUF", repo_files(), private=False, message="one")
+    hub.fail("POST", "/commit/", 500, times=100)
+    with pytest.raises(PublishError) as info:
+        publisher(hub).publish("acme/m-GGUF", repo_files(**{"README.md": b"new"}), private=False, message="two")
+    assert any(auth == f"Bearer {TOKEN}" for _, _, auth in hub.requests)
+    out = capsys.readouterr()
+    assert TOKEN not in caplog.text + out.out + out.err + str(info.value)
+    assert "retrying" in caplog.text  # the retries were logged, without the token
