@@ -42,12 +42,14 @@ def _fail(exc: QuantforgeError) -> typer.Exit:
 
 
 def _plan(targets_file: Path, work_dir: Path, only: str | None, offline: bool, llama_cpp: str | None,
-          enforce_gates: bool = True):
-    from .config import load_targets
+          enforce_gates: bool = True, publish_to: str | None = None):
+    from .config import load_targets, with_publish_to
     from .plan import PlanContext, build_plan
     from .store import WorkDir
 
     targets = load_targets(targets_file)
+    if publish_to:
+        targets = with_publish_to(targets, publish_to)
     work = WorkDir(work_dir)
     context = PlanContext(work=work, offline=offline, llama_cpp_dir=llama_cpp, enforce_gates=enforce_gates)
     return build_plan(targets, context).select(only), work
@@ -100,7 +102,6 @@ def build(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, onl
                                                 "miss their gates (for experiments; recorded).")] = False,
           json_output: JsonOpt = False, offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None) -> None:
     """Build every stale artifact, check it against its source, and publish what passes."""
-    from . import report as report_mod
     from .console import make_reporter
     from .engine import BuildOptions, run_plan
 
@@ -110,6 +111,13 @@ def build(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, onl
         result = run_plan(the_plan, work, options, make_reporter(json_output))
     except QuantforgeError as exc:
         raise _fail(exc) from None
+    _finish(result, work, json_output)
+
+
+def _finish(result, work, json_output: bool) -> None:
+    """Save the report, print it (JSON or a summary), exit 0 or 1."""
+    from . import report as report_mod
+
     path = report_mod.save(result, work)
     data = result.to_json()
     if json_output:
@@ -160,27 +168,41 @@ def _print_summary(data: dict, report_path: Path) -> None:
 def card(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only: OnlyOpt = None,
          offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None) -> None:
     """Render each repo's model card from what the last build made, without publishing."""
-    from .engine import StepOutput
-    from .errors import BadInputError
+    from .engine import load_inputs
     from .publish import CARD_FILE, render_card
 
     try:
         the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp)
         for step in the_plan.steps:
-            if step.kind != "publish":
-                continue
-            inputs = {}
-            for role, dep in step.inputs.items():
-                manifest = work.lookup(dep.kind, dep.key)
-                if manifest is None:
-                    raise BadInputError(f"{step.params['repo_id']}: {dep.label} is not built; run quantforge build")
-                inputs[role] = StepOutput(work.step_dir(dep.kind, dep.key), manifest)
-            path = work.root / "cards" / step.params["repo_id"] / CARD_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(render_card(step, inputs), encoding="utf-8")
-            typer.echo(str(path))
+            if step.kind == "publish":
+                path = work.root / "cards" / step.params["repo_id"] / CARD_FILE
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(render_card(step, load_inputs(step, work)), encoding="utf-8")
+                typer.echo(str(path))
     except QuantforgeError as exc:
         raise _fail(exc) from None
+
+
+@app.command()
+def push(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only: OnlyOpt = None,
+         to: Annotated[str | None, typer.Option("--to", help="Publish here instead of each model's publish.to: "
+                                                "hub or dir:PATH.", metavar="DEST")] = None,
+         json_output: JsonOpt = False, offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None) -> None:
+    """Publish what a previous build made and checked; builds nothing."""
+    from .console import make_reporter
+    from .engine import BuildOptions, load_inputs, run_plan
+    from .plan import Plan, topological
+
+    try:
+        the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp, publish_to=to)
+        publish_steps = [s for s in the_plan.steps if s.kind == "publish"]
+        for step in publish_steps:
+            load_inputs(step, work)  # every artifact built and past its gate, or a clear error
+        result = run_plan(Plan(the_plan.targets, topological(publish_steps)), work, BuildOptions(keep_going=True),
+                          make_reporter(json_output))
+    except QuantforgeError as exc:
+        raise _fail(exc) from None
+    _finish(result, work, json_output)
 
 
 @app.command("eval")

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, ConfigIssue
+from .errors import BadInputError, ConfigError, ConfigIssue
 from .gguf_types import GGUF_TYPES, INTERMEDIATE_TYPES
 
 FORMAT_NAMES = ("gguf",)  # GPTQ and AWQ join when their formats land
@@ -390,3 +390,13 @@ def _unknown_key_message(key: object, allowed: tuple[str, ...] | list[str]) -> s
     if allowed:
         return f"{message}; allowed: {', '.join(allowed)}"
     return message
+
+
+def with_publish_to(targets: Targets, to: str) -> Targets:
+    """The same targets, every model publishing to `to` (quantforge push --to)."""
+    try:
+        PublishTarget(to=to)
+    except ValidationError as exc:
+        raise BadInputError(f"--to {to}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    models = tuple(m.model_copy(update={"publish": m.publish.model_copy(update={"to": to})}) for m in targets.models)
+    return Targets(path=targets.path, models=models)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import __version__
-from .errors import QuantforgeError, StepFailed
+from .errors import BadInputError, StepFailed
 from .plan import Plan, Step, stale_reasons
 from .runners import runner_for
 from .store import MANIFEST, WorkDir, sha256_file
@@ -135,6 +135,18 @@ def must_run(plan: Plan, work: WorkDir) -> dict[str, list[str]]:
     return needed
 
 
+def load_inputs(step: Step, work: WorkDir) -> dict[str, StepOutput]:
+    """The committed outputs of a step's inputs; BadInputError naming the first that has none."""
+    inputs = {}
+    for role, dep in step.inputs.items():
+        manifest = work.lookup(dep.kind, dep.key)
+        if manifest is None:
+            raise BadInputError(f"{step.label}: {dep.label} has no output in {work.root} (not built, or it "
+                                "failed); run quantforge build")
+        inputs[role] = StepOutput(work.step_dir(dep.kind, dep.key), manifest)
+    return inputs
+
+
 def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporter) -> BuildReport:
     report = BuildReport(str(plan.targets.path), str(work.root), time.time(), [], dry_run=options.dry_run)
     with work.locked():
@@ -174,13 +186,7 @@ def _run_step(step: Step, reasons: list[str], work: WorkDir, options: BuildOptio
     log_path = work.log_path(step.label)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text(f"# {step.label} (key {step.key[:16]})\n# why: {'; '.join(reasons)}\n")
-    inputs = {}
-    for role, dep in step.inputs.items():
-        manifest = work.lookup(dep.kind, dep.key)
-        if manifest is None:  # cannot happen after must_run unless the work dir was edited under us
-            raise QuantforgeError(f"{step.label}: input {dep.label} vanished from the work dir")
-        inputs[role] = StepOutput(work.step_dir(dep.kind, dep.key), manifest)
-
+    inputs = load_inputs(step, work)  # all built: must_run ran what they needed
     started = time.perf_counter()
     log.info("running %s (%s)", step.label, "; ".join(reasons))
     result = StepResult(step.label, step.kind, step.key, "built", reasons=reasons, log=str(log_path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,8 @@ from tiny_models import FAMILIES, make_untrained_bpe_model
 pytestmark = pytest.mark.slow
 
 
-def quantforge(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "quantforge.cli", *args], capture_output=True, text=True, cwd=cwd)
+def quantforge(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "quantforge.cli", *args], capture_output=True, text=True, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +195,31 @@ models:
     assert statuses["SmolLM2-135M-Instruct:eval-reference"]["status"] == "reused"
     assert not (repo / "SmolLM2-135M-Instruct-Q4_0.gguf").exists()
     assert (repo / "quantforge.json").read_text() == published_manifest
+
+
+def test_build_publishes_to_the_hub_only_what_passed_its_gates(tiny_build, tmp_path):
+    from hub_server import HubServer
+
+    root, _ = tiny_build
+    token = "hf_buildTokenMustNotLeak987"
+    with HubServer() as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_DISABLE_XET": "1"}
+        strict = (root / "targets.yaml").read_text().replace("tokenizer_check: false", "tokenizer_check: true")
+        (root / "hub.yaml").write_text(strict.replace("to: 'dir:./out'", "to: hub"))
+        failed = quantforge("build", str(root / "hub.yaml"), "--work-dir", str(root / "work"), "--keep-going",
+                            env=env)
+        assert failed.returncode == 1 and "tokenizer differs" in failed.stderr
+        # every model but the tiny Mistral passed and was published; the Mistral repo was never even created
+        assert set(hub.repos) == {"t/tiny-llama-GGUF", "t/tiny-qwen2-GGUF", "t/tiny-qwen3-GGUF"}
+        repo = hub.repos["t/tiny-qwen2-GGUF"]
+        assert set(repo.files) == {"README.md", "quantforge.json", "tiny-qwen2-Q8_0.gguf", "tiny-qwen2-Q4_K_M.gguf"}
+        assert len(repo.commits) == 1
+
+        # push what the lenient build made, Mistral included; unchanged repos get no new commit
+        pushed = quantforge("push", str(root / "targets.yaml"), "--work-dir", str(root / "work"), "--to", "hub",
+                            env=env)
+        assert pushed.returncode == 0, pushed.stderr
+        assert "t/tiny-mistral-GGUF" in hub.repos and len(hub.repos["t/tiny-llama-GGUF"].commits) == 1
+        logs = "".join(p.read_text(errors="replace") for p in (root / "work" / "logs").glob("*.log"))
+        assert token not in failed.stdout + failed.stderr + pushed.stdout + pushed.stderr + logs
+        assert any(auth == f"Bearer {token}" for _, _, auth in hub.requests)
