@@ -62,8 +62,9 @@ def chat_template(path: Path) -> str | None:
 
 
 def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOutput,
-                     artifacts: dict[str, tuple[StepOutput, StepOutput]], tokens: StepOutput | None) -> str:
-    """artifacts: type -> (quantize output, gate output)."""
+                     artifacts: dict[str, tuple[StepOutput, StepOutput]], tokens: StepOutput | None,
+                     shards: dict[str, list[str]] | None = None) -> str:
+    """artifacts: type -> (quantize output, gate output); shards: type -> split file names, when split."""
     from huggingface_hub import ModelCard, ModelCardData
 
     params = source.manifest["params"]
@@ -78,14 +79,18 @@ def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOu
             pair = f"{f['wanted']}→{f['used']}"
             fallback_pairs[pair] = fallback_pairs.get(pair, 0) + 1
         n_fb = len(q.get("fallbacks", []))
+        parts = (shards or {}).get(qtype)
+        notes = [f"{n_fb} tensor{'s' if n_fb > 1 else ''} fell back"] if n_fb else []
+        if parts:
+            notes.append(f"split in {len(parts)} files; load the first")
         rows.append({
-            "file": q["file"], "type": qtype, "size": _size(q["size"]), "size_bytes": q["size"],
+            "file": parts[0] if parts else q["file"], "type": qtype, "size": _size(q["size"]), "size_bytes": q["size"],
             "bpw": f"{q['bits_per_weight']:.2f}" if q.get("bits_per_weight") else "-",
             "ppl": f"{g['ppl']:.3f} ± {g['ppl_err']:.3f}" if "ppl" in g else "-",
             "delta_ppl": _pct(g.get("delta_ppl")),
             "kld": f"{g['kld_mean']:.4f}" if "kld_mean" in g else "-",
             "top1": _pct(g.get("top1"), signed=False),
-            "notes": f"{n_fb} tensor{'s' if n_fb > 1 else ''} fell back" if n_fb else "",
+            "notes": "; ".join(notes),
             "memory": _size(int(q["size"] * 1.15 + 0.5e9)),
         })
     first_gate = next(iter(artifacts.values()))[1].data

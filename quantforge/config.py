@@ -67,6 +67,21 @@ class PublishTarget(_Strict):
     namespace: str = "local"
     private: bool = False
     repo: str = "{model}-{FORMAT}"
+    # larger GGUF files are published as llama.cpp split shards (the Hub refuses files over 50 GB)
+    max_file_size: str | int = "48GB"
+
+    @field_validator("max_file_size")
+    @classmethod
+    def _size(cls, value: str | int) -> str | int:
+        from .toolchains.gguf_split import parse_size
+
+        try:
+            size = parse_size(value)
+        except ValueError:
+            raise ValueError("expected a size such as 48GB, 500MB or 2GiB") from None
+        if size < 1_000_000:
+            raise ValueError("must be at least 1MB")
+        return value
 
     @field_validator("to")
     @classmethod

@@ -162,6 +162,8 @@ models:
     assert rendered.returncode == 0, rendered.stderr
     assert Path(rendered.stdout.strip()).read_text() == card  # `quantforge card` renders what was published
 
+    check_split_publishing(tmp_path, targets, work, repo)
+
     second = quantforge("build", str(targets), "--work-dir", work, "--json")
     assert second.returncode == 0
     assert set(json.loads(second.stdout)["counts"]) == {"reused"}
@@ -223,3 +225,25 @@ def test_build_publishes_to_the_hub_only_what_passed_its_gates(tiny_build, tmp_p
         logs = "".join(p.read_text(errors="replace") for p in (root / "work" / "logs").glob("*.log"))
         assert token not in failed.stdout + failed.stderr + pushed.stdout + pushed.stderr + logs
         assert any(auth == f"Bearer {token}" for _, _, auth in hub.requests)
+
+
+
+def check_split_publishing(tmp_path, targets, work, built_repo):
+    """Files over publish.max_file_size go out as llama.cpp split shards, which llama.cpp loads as one model."""
+    from quantforge.toolchains.llamacpp import load_and_generate
+
+    split_targets = targets.with_name("split.yaml")
+    split_targets.write_text(targets.read_text().replace("namespace: demo}", "namespace: demo, max_file_size: 60MB}"))
+    proc = quantforge("push", str(split_targets), "--work-dir", work, "--to", f"dir:{tmp_path / 'split'}")
+    assert proc.returncode == 0, proc.stderr
+    repo = tmp_path / "split" / "demo" / "SmolLM2-135M-Instruct-GGUF"
+    shards = sorted(p.name for p in repo.glob("SmolLM2-135M-Instruct-Q8_0*.gguf"))
+    assert shards == [f"SmolLM2-135M-Instruct-Q8_0-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert all((repo / s).stat().st_size <= 60_000_000 for s in shards)
+    whole = built_repo / "SmolLM2-135M-Instruct-Q8_0.gguf"
+    from_split = load_and_generate(repo / shards[0], "The capital of France is", 6, tmp_path / "log", tmp_path)
+    from_whole = load_and_generate(whole, "The capital of France is", 6, tmp_path / "log", tmp_path)
+    assert from_split["generated_ids"] == from_whole["generated_ids"]
+    card = (repo / "README.md").read_text()
+    assert f"[{shards[0]}](./{shards[0]})" in card and "split in 3 files" in card
+    assert json.loads((repo / "quantforge.json").read_text())["artifacts"]["Q8_0"]["shards"] == shards

@@ -20,6 +20,7 @@ __all__ = ["CARD_FILE", "REPO_MANIFEST", "Publisher", "publish_step", "render_ca
 from ..config import ModelTarget, Targets
 from ..errors import PublishError
 from ..plan import Step
+from ..toolchains.gguf_split import parse_size
 
 if TYPE_CHECKING:
     from ..engine import StepContext, StepOutput
@@ -66,17 +67,29 @@ def publish_step(model: ModelTarget, fmt: str, publishable: dict[str, tuple[Step
     inputs["tokens"] = tokens  # the evaluation's text and windows, described in the card
     return Step(kind="publish", label=f"{model.name}/{fmt}:publish",
                 params={"to": to, "repo_id": f"{model.publish.namespace}/{model.publish.repo_name(model.name, fmt)}",
-                        "private": model.publish.private, "format": fmt, "namespace": model.publish.namespace},
+                        "private": model.publish.private, "format": fmt, "namespace": model.publish.namespace,
+                        "max_file_size": parse_size(model.publish.max_file_size)},
                 inputs=inputs, tools={"card-template": card_template_version(fmt)}, model=model.name, fmt=fmt)
 
 
-def _artifact_files(ctx: StepContext) -> dict[str, tuple[Path, str]]:
+def _artifact_files(ctx: StepContext, max_file_size: int) -> tuple[dict[str, tuple[Path, str]], dict[str, list[str]]]:
+    """The files to publish, with any over the size limit split into llama.cpp shards; and the shard names."""
+    from ..store import sha256_file
+    from ..toolchains.gguf_split import split_gguf
+
     files: dict[str, tuple[Path, str]] = {}
+    shards: dict[str, list[str]] = {}
     for role, out in ctx.inputs.items():
-        if role.startswith("artifact:"):
-            name = out.data["file"]
+        if not role.startswith("artifact:"):
+            continue
+        name = out.data["file"]
+        if out.files()[name]["size"] <= max_file_size:
             files[name] = (out.file(name), out.files()[name]["sha256"])
-    return files
+            continue
+        parts = split_gguf(out.file(name), ctx.out_dir, max_file_size)
+        shards[role.split(":", 1)[1]] = [p.name for p in parts]
+        files.update({p.name: (p, sha256_file(p)) for p in parts})
+    return files, shards
 
 
 def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
@@ -99,13 +112,16 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
                    if source.manifest["params"].get(k)},
         "artifacts": artifacts,
     }
+    artifact_files, shards = _artifact_files(ctx, step.params["max_file_size"])
+    for name, parts in shards.items():
+        artifacts[name]["shards"] = parts
     manifest_file = ctx.out_dir / REPO_MANIFEST
     manifest_file.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     card_file = ctx.out_dir / CARD_FILE
-    card_file.write_text(render_card(step, ctx.inputs), encoding="utf-8")
+    card_file.write_text(render_card(step, ctx.inputs, shards), encoding="utf-8")
     from ..store import sha256_file
 
-    files = {**_artifact_files(ctx), REPO_MANIFEST: (manifest_file, sha256_file(manifest_file)),
+    files = {**artifact_files, REPO_MANIFEST: (manifest_file, sha256_file(manifest_file)),
              CARD_FILE: (card_file, sha256_file(card_file))}
     publisher = publisher_for(step.params["to"])
     commit = source.manifest["params"].get("commit") or source.manifest["params"].get("digest", "")
@@ -116,14 +132,16 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
             "files": {name: sha for name, (_, sha) in files.items()}, **result}
 
 
-def render_card(step: Step, inputs: dict[str, StepOutput]) -> str:
-    """The repo's model card, from the outputs of the publish step's inputs (also used by `quantforge card`)."""
+def render_card(step: Step, inputs: dict[str, StepOutput], shards: dict[str, list[str]] | None = None) -> str:
+    """The repo's model card, from the outputs of the publish step's inputs (also used by `quantforge card`,
+    which does not split: there, a file over the size limit is listed whole)."""
     from ..card import render_gguf_card
 
     artifacts = {role.split(":", 1)[1]: (out, inputs[f"check:{role.split(':', 1)[1]}"])
                  for role, out in inputs.items() if role.startswith("artifact:")}
     return render_gguf_card(repo_id=step.params["repo_id"], model=step.model, namespace=step.params["namespace"],
-                            source=inputs["source"], artifacts=artifacts, tokens=inputs.get("tokens"))
+                            source=inputs["source"], artifacts=artifacts, tokens=inputs.get("tokens"),
+                            shards=shards or {})
 
 
 def check_published(step: Step, manifest: dict[str, Any]) -> str | None:
