@@ -12,8 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from .engine import StepResult
 from .plan import Step
 
-_MARKS = {"built": "✓", "reused": "·", "up-to-date": "·", "would-build": "→", "failed": "✗", "skipped": "-",
-          "not-run": "-"}
+_MARKS = {"built": "✓", "reused": "·", "up-to-date": "·", "not-needed": "·", "would-build": "→", "failed": "✗",
+          "skipped": "-", "not-run": "-"}
 
 
 def _describe(result: StepResult) -> str:
@@ -50,7 +50,7 @@ class PlainReporter:
 
     def step_finished(self, result: StepResult) -> None:
         self.done += 1
-        if result.status == "failed" or (not self.only_failures and result.status != "reused"):
+        if result.status == "failed" or (not self.only_failures and result.status not in ("reused", "not-needed")):
             print(f"[{self.done}/{self.total}] {_describe(result)}", file=self.stream, flush=True)
 
     def end(self) -> None:
@@ -74,7 +74,7 @@ class RichReporter:
         self.progress.update(self.task, description=f"{step.label}")
 
     def step_finished(self, result: StepResult) -> None:
-        if result.status != "reused":
+        if result.status not in ("reused", "not-needed"):
             style = {"failed": "red", "built": "green", "would-build": "yellow"}.get(result.status, "dim")
             self.console.print(_describe(result), style=style, highlight=False)
         self.progress.advance(self.task)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import __version__
-from .errors import BadInputError, StepFailed
+from .errors import BadInputError
 from .plan import Plan, Step, stale_reasons
 from .runners import runner_for
 from .store import MANIFEST, WorkDir, sha256_file
@@ -61,7 +61,7 @@ class StepResult:
     label: str
     kind: str
     key: str
-    status: str  # built | reused | failed | skipped | not-run | would-build | up-to-date
+    status: str  # built | reused | failed | skipped | not-run | would-build | up-to-date | not-needed
     reasons: list[str] = field(default_factory=list)
     seconds: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
@@ -157,10 +157,13 @@ def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporte
         stop = False
         for step in plan.steps:
             if step.label not in todo:
-                result = StepResult(step.label, step.kind, step.key, "up-to-date" if options.dry_run else "reused",
-                                    output_dir=str(work.step_dir(step.kind, step.key)))
                 cached = work.lookup(step.kind, step.key)
-                result.data = cached.get("data", {}) if cached else {}
+                if cached is None:  # stale, but everything made from it is cached: not needed
+                    result = StepResult(step.label, step.kind, step.key, "not-needed")
+                else:
+                    result = StepResult(step.label, step.kind, step.key,
+                                        "up-to-date" if options.dry_run else "reused", data=cached.get("data", {}),
+                                        output_dir=str(work.step_dir(step.kind, step.key)))
             elif options.dry_run:
                 result = StepResult(step.label, step.kind, step.key, "would-build", reasons=todo[step.label])
             elif stop:
@@ -216,10 +219,8 @@ def _run_step(step: Step, reasons: list[str], work: WorkDir, options: BuildOptio
         with open(log_path, "a", encoding="utf-8") as f:
             f.write("\n# quantforge: step failed\n")
             traceback.print_exc(file=f)
-        failure = StepFailed(step.label, exc, str(log_path))
         result.status = "failed"
         result.error = str(exc)
         result.hint = getattr(exc, "hint", None)
         result.seconds = round(time.perf_counter() - started, 3)
-        log.debug("%s", failure)
     return result

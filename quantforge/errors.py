@@ -62,28 +62,8 @@ class VerificationError(QuantforgeError):
     """An artifact failed the check by its real consumer (it does not load, or produces garbage)."""
 
 
-class StepFailed(QuantforgeError):
-    """A step raised; wraps the cause with the step's label and log file."""
-
-    def __init__(self, label: str, cause: BaseException, log_path: str | None):
-        self.label = label
-        self.cause = cause
-        self.log_path = log_path
-        super().__init__(f"{label}: {cause}")
-
-
-class BuildFailed(QuantforgeError):
-    """One or more steps failed; lists every failure."""
-
-    def __init__(self, failures: list[StepFailed]):
-        self.failures = failures
-        super().__init__("; ".join(str(f) for f in failures))
-
-
 class WorkDirLocked(QuantforgeError):
     """Another quantforge process holds the work directory."""
-
-    exit_code = 3
 
 
 class PublishError(QuantforgeError):

@@ -81,6 +81,7 @@ def test_deleted_intermediate_is_not_rebuilt_when_its_dependents_are_cached(tmp_
     shutil.rmtree(report.results[0].output_dir)  # e.g. a maintainer reclaiming space from the F16 GGUF
     again = build(tmp_path)
     assert again.ok and len(runs()) == 4
+    assert statuses(again)["c0:first"] == "not-needed" and statuses(again)["c0:second"] == "reused"
     # ...but when a dependent must run, the intermediate is rebuilt first
     shutil.rmtree(again.results[1].output_dir)
     third = build(tmp_path)

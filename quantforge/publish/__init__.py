@@ -9,6 +9,7 @@ exactly those bytes, skipping files already there with the same hash.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -20,7 +21,8 @@ __all__ = ["CARD_FILE", "REPO_MANIFEST", "Publisher", "publish_step", "render_ca
 from ..config import ModelTarget, Targets
 from ..errors import PublishError
 from ..plan import Step
-from ..toolchains.gguf_split import parse_size
+from ..store import sha256_file
+from ..toolchains.gguf_split import parse_size, split_gguf
 
 if TYPE_CHECKING:
     from ..engine import StepContext, StepOutput
@@ -72,38 +74,35 @@ def publish_step(model: ModelTarget, fmt: str, publishable: dict[str, tuple[Step
                 inputs=inputs, tools={"card-template": card_template_version(fmt)}, model=model.name, fmt=fmt)
 
 
-def _artifact_files(ctx: StepContext, max_file_size: int) -> tuple[dict[str, tuple[Path, str]], dict[str, list[str]]]:
-    """The files to publish, with any over the size limit split into llama.cpp shards; and the shard names."""
-    from ..store import sha256_file
-    from ..toolchains.gguf_split import split_gguf
+def _artifacts(inputs: dict[str, StepOutput]) -> dict[str, tuple[StepOutput, StepOutput]]:
+    """name -> (the artifact's step output, its gate's output), from a publish step's inputs."""
+    return {role.split(":", 1)[1]: (out, inputs["check:" + role.split(":", 1)[1]])
+            for role, out in inputs.items() if role.startswith("artifact:")}
 
+
+def _artifact_files(artifacts: dict[str, tuple[StepOutput, StepOutput]], out_dir: Path, max_file_size: int
+                    ) -> tuple[dict[str, tuple[Path, str]], dict[str, list[str]]]:
+    """The files to publish, with any over the size limit split into llama.cpp shards; and the shard names."""
     files: dict[str, tuple[Path, str]] = {}
     shards: dict[str, list[str]] = {}
-    for role, out in ctx.inputs.items():
-        if not role.startswith("artifact:"):
+    for name, (out, _) in artifacts.items():
+        file = out.data["file"]
+        if out.files()[file]["size"] <= max_file_size:
+            files[file] = (out.file(file), out.files()[file]["sha256"])
             continue
-        name = out.data["file"]
-        if out.files()[name]["size"] <= max_file_size:
-            files[name] = (out.file(name), out.files()[name]["sha256"])
-            continue
-        parts = split_gguf(out.file(name), ctx.out_dir, max_file_size)
-        shards[role.split(":", 1)[1]] = [p.name for p in parts]
+        parts = split_gguf(out.file(file), out_dir, max_file_size)
+        shards[name] = [p.name for p in parts]
         files.update({p.name: (p, sha256_file(p)) for p in parts})
     return files, shards
 
 
 def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
-    import json
-
     source = ctx.inputs["source"]
-    artifacts = {}
-    for role, out in ctx.inputs.items():
-        if role.startswith("artifact:"):
-            name = role.split(":", 1)[1]
-            artifacts[name] = {"artifact": out.data, "check": ctx.inputs[f"check:{name}"].data,
-                               "sha256": out.files()[out.data["file"]]["sha256"]}
-    for entry in artifacts.values():
-        entry["artifact"] = {k: v for k, v in entry["artifact"].items() if k != "tensor_types"}
+    built = _artifacts(ctx.inputs)
+    artifacts: dict[str, dict[str, Any]] = {
+        name: {"artifact": {k: v for k, v in out.data.items() if k != "tensor_types"}, "check": gate.data,
+               "sha256": out.files()[out.data["file"]]["sha256"]}
+        for name, (out, gate) in built.items()}
     manifest = {
         "quantforge": __version__,
         "model": step.model,
@@ -112,15 +111,13 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
                    if source.manifest["params"].get(k)},
         "artifacts": artifacts,
     }
-    artifact_files, shards = _artifact_files(ctx, step.params["max_file_size"])
+    artifact_files, shards = _artifact_files(built, ctx.out_dir, step.params["max_file_size"])
     for name, parts in shards.items():
         artifacts[name]["shards"] = parts
     manifest_file = ctx.out_dir / REPO_MANIFEST
     manifest_file.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     card_file = ctx.out_dir / CARD_FILE
     card_file.write_text(render_card(step, ctx.inputs, shards), encoding="utf-8")
-    from ..store import sha256_file
-
     files = {**artifact_files, REPO_MANIFEST: (manifest_file, sha256_file(manifest_file)),
              CARD_FILE: (card_file, sha256_file(card_file))}
     publisher = publisher_for(step.params["to"])
@@ -137,10 +134,8 @@ def render_card(step: Step, inputs: dict[str, StepOutput], shards: dict[str, lis
     which does not split: there, a file over the size limit is listed whole)."""
     from ..card import render_gguf_card
 
-    artifacts = {role.split(":", 1)[1]: (out, inputs[f"check:{role.split(':', 1)[1]}"])
-                 for role, out in inputs.items() if role.startswith("artifact:")}
     return render_gguf_card(repo_id=step.params["repo_id"], model=step.model, namespace=step.params["namespace"],
-                            source=inputs["source"], artifacts=artifacts, tokens=inputs.get("tokens"),
+                            source=inputs["source"], artifacts=_artifacts(inputs), tokens=inputs.get("tokens"),
                             shards=shards or {})
 
 
