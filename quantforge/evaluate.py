@@ -57,8 +57,10 @@ def plan_evaluation(model: ModelTarget, targets: Targets, source: Step, context:
     tokens = Step("eval.tokens", f"{model.name}:eval-tokens",
                   params={"dataset": spec, "text_sha256": digest, "ctx": settings.ctx, "chunks": settings.chunks},
                   inputs={"source": source}, model=model.name)
+    # the dtype is chosen at run time (bf16 on a GPU, fp32 on a CPU) and recorded, not keyed: either is a fine
+    # reference, and importing torch to decide would cost every `plan` a second
     reference = Step("eval.reference", f"{model.name}:eval-reference",
-                     params={"dtype": reference_dtype(), "top_k": metrics.TOP_K},
+                     params={"top_k": metrics.TOP_K},
                      inputs={"source": source, "tokens": tokens}, model=model.name)
     return EvalSteps(tokens, reference, settings)
 
@@ -77,13 +79,10 @@ def gate_step(label: str, fmt: str, qtype: str | None, evaluation: Step, check: 
 
 
 def reference_dtype() -> str:
-    """The source model runs in bf16 on a GPU, in fp32 on a CPU (part of the cache key: results differ)."""
-    try:
-        import torch
+    """The source model runs in bf16 on a GPU, in fp32 on a CPU."""
+    import torch
 
-        return "bfloat16" if torch.cuda.is_available() else "float32"
-    except ImportError:
-        return "float32"
+    return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
 # ------------------------------------------------------------------------------------------------ runners
@@ -113,7 +112,8 @@ def run_reference(step: Step, ctx: StepContext) -> dict[str, Any]:
     source = ctx.inputs["source"]
     windows = np.load(ctx.inputs["tokens"].file(WINDOWS_FILE))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, step.params["dtype"])
+    dtype_name = reference_dtype()
+    dtype = getattr(torch, dtype_name)
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(source.data["path"], dtype=dtype).to(device).eval()
     load_seconds = time.perf_counter() - started
@@ -129,7 +129,7 @@ def run_reference(step: Step, ctx: StepContext) -> dict[str, Any]:
     reference.save(ctx.out_dir / REFERENCE_FILE)
     ppl, err = metrics.perplexity(reference.nll)
     return {"ppl": round(ppl, 4), "ppl_err": round(err, 4), "tokens_scored": len(reference.nll),
-            "device": device, "dtype": step.params["dtype"], "load_seconds": round(load_seconds, 2),
+            "device": device, "dtype": dtype_name, "load_seconds": round(load_seconds, 2),
             "tokens_per_second": round(windows.size / seconds, 1)}
 
 
