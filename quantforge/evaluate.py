@@ -161,7 +161,7 @@ def plan_adhoc(artifact: Path, source: str, revision: str, settings: EvaluationS
     the same cache) as a build."""
     from .config import Formats, GGUFTarget
     from .errors import BadInputError
-    from .formats.gguf import external_step
+    from .formats.gguf import evaluate_step, external_step
     from .plan import Plan, topological
     from .sources import source_step
 
@@ -173,17 +173,10 @@ def plan_adhoc(artifact: Path, source: str, revision: str, settings: EvaluationS
     src = source_step(model, targets, context)
     evaluation = plan_evaluation(model, targets, src, context)
     file_step = external_step(artifact.resolve(), context)
-    evaluate = Step("gguf.evaluate", f"{artifact.name}:evaluate", params={},
-                    inputs={"artifact": file_step, "tokens": evaluation.tokens, "reference": evaluation.reference,
-                            "source": src}, tools=dict(context.memo("eval-tools", _libllama_tools)))
+    evaluate = evaluate_step(f"{artifact.name}:evaluate", file_step, evaluation, src, context)
     limits = settings.model_copy(update={"max_ppl_increase": {"gguf": max_ppl_increase} if max_ppl_increase
                                          is not None else {}, "max_kld": {"gguf": max_kld} if max_kld
                                          is not None else {}})
     gate = gate_step(f"{artifact.name}:gate", "gguf", None, evaluate, file_step, limits, None, True, "eval")
     return Plan(targets, topological([gate]))
 
-
-def _libllama_tools() -> dict[str, str]:
-    from .toolchains.llamacpp import llama_cpp_version
-
-    return {"libllama": llama_cpp_version()}

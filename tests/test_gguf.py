@@ -163,6 +163,7 @@ models:
     assert Path(rendered.stdout.strip()).read_text() == card  # `quantforge card` renders what was published
 
     check_split_publishing(tmp_path, targets, work, repo)
+    check_adhoc_eval(repo / "SmolLM2-135M-Instruct-Q8_0.gguf", smollm2_checkpoint, work, evaluation["Q8_0"])
 
     second = quantforge("build", str(targets), "--work-dir", work, "--json")
     assert second.returncode == 0
@@ -247,3 +248,16 @@ def check_split_publishing(tmp_path, targets, work, built_repo):
     card = (repo / "README.md").read_text()
     assert f"[{shards[0]}](./{shards[0]})" in card and "split in 3 files" in card
     assert json.loads((repo / "quantforge.json").read_text())["artifacts"]["Q8_0"]["shards"] == shards
+
+
+def check_adhoc_eval(gguf, source, work, built):
+    """`quantforge eval` runs the build's harness, reuses its cached reference, and gives the same figures."""
+    args = ["eval", str(gguf), "--source", str(source), "--ctx", "256", "--chunks", "4", "--work-dir", work]
+    strict = quantforge(*args, "--max-ppl-increase", "0.0001")
+    assert strict.returncode == 1 and "ΔPPL +" in strict.stderr and "exceeds max_ppl_increase 0.01%" in strict.stderr
+    assert "Q8_0.gguf:evaluate: never built" in strict.stderr  # the reporter names each step it runs
+    assert "eval-reference" not in strict.stderr and "eval-tokens" not in strict.stderr  # the build's, reused
+    proc = quantforge(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert (result["ppl"], result["kld_mean"], result["top1"]) == (built["ppl"], built["kld_mean"], built["top1"])

@@ -51,16 +51,23 @@ def plan(model: ModelTarget, target: GGUFTarget, source: Step, evaluation: EvalS
                       params={"prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS},
                       inputs={"artifact": quantize}, tools={"libllama": libllama},
                       model=model.name, fmt="gguf")
-        evaluate = Step(kind="gguf.evaluate", label=f"{model.name}/gguf/{gguf_type}:evaluate",
-                        params={}, inputs={"artifact": quantize, "tokens": evaluation.tokens,
-                                           "reference": evaluation.reference, "source": source},
-                        tools={"libllama": libllama}, model=model.name, fmt="gguf")
+        evaluate = evaluate_step(f"{model.name}/gguf/{gguf_type}:evaluate", quantize, evaluation, source, context,
+                                 model.name)
         gate = gate_step(f"{model.name}/gguf/{gguf_type}:gate", "gguf", gguf_type, evaluate, verify,
                          evaluation.settings, DEFAULT_MAX_PPL_INCREASE.get(gguf_type), context.enforce_gates,
                          model.name)
         out.steps += [quantize, verify, evaluate, gate]
         out.publishable[gguf_type] = (quantize, gate)
     return out
+
+
+def evaluate_step(label: str, artifact: Step, evaluation: EvalSteps, source: Step, context: PlanContext,
+                  model: str = "") -> Step:
+    """Score `artifact` in llama.cpp on the model's evaluation windows (builds and `quantforge eval` alike)."""
+    return Step(kind="gguf.evaluate", label=label, params={},
+                inputs={"artifact": artifact, "tokens": evaluation.tokens, "reference": evaluation.reference,
+                        "source": source},
+                tools={"libllama": context.memo("libllama", llamacpp.llama_cpp_version)}, model=model, fmt="gguf")
 
 
 def run_convert(step: Step, ctx: StepContext) -> dict[str, Any]:
