@@ -44,5 +44,5 @@ class LocalDirPublisher:
 
     def missing(self, repo_id: str, files: dict[str, str]) -> list[str]:
         dest = self.repo_dir(repo_id)
-        # size + existence is the cheap check here; publish() compares hashes before skipping an upload
+        # existence only, to keep `plan` cheap; publish() compares hashes before it skips a file
         return [name for name in files if not (dest / name).is_file()]
