@@ -22,7 +22,8 @@ CARD_FILE = "README.md"
 
 
 def card_template(fmt: str) -> str:
-    return resources.files("quantforge").joinpath(f"templates/{fmt}_card.md.jinja").read_text(encoding="utf-8")
+    name = "gguf" if fmt == "gguf" else "checkpoint"  # GPTQ and AWQ share one card
+    return resources.files("quantforge").joinpath(f"templates/{name}_card.md.jinja").read_text(encoding="utf-8")
 
 
 def card_template_version(fmt: str) -> str:
@@ -126,5 +127,65 @@ def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOu
         converter=first_quant.data.get("converter", "llama.cpp's convert_hf_to_gguf.py"),
         libllama=first_quant.manifest["tools"].get("libllama", "?"), quantforge_version=__version__,
         build_date=time.strftime("%Y-%m-%d", time.gmtime()), source_card=text,
+    )
+    return str(card)
+
+
+def _calibration_desc(calibration: dict[str, Any] | None) -> str:
+    if not calibration:
+        return "-"
+    return (f"`{calibration['dataset']}`, {calibration['samples']} samples of {calibration['seq_len']} tokens "
+            "(from the end of the text; evaluation windows come from its start)")
+
+
+def render_checkpoint_card(*, repo_id: str, model: str, namespace: str, source: StepOutput,
+                           artifacts: dict[str, tuple[StepOutput, StepOutput]], tokens: StepOutput | None,
+                           fmt: str) -> str:
+    """The card of a GPTQ or AWQ repo: one checkpoint, its settings, its measurements, and how to load it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    params = source.manifest["params"]
+    source_dir = Path(source.data["path"])
+    is_hub = "commit" in params
+    meta, text = source_card(source_dir)
+    quant, gate = next(iter(artifacts.values()))
+    q, g = quant.data, gate.data
+    arch = q.get("architecture")
+    settings = [f"{q['bits']}-bit", f"group size {q['group_size']}"]
+    if fmt == "gptq":
+        settings += [f"desc_act {str(q['desc_act']).lower()}", f"sym {str(q['sym']).lower()}", f"damp {q['damp']}"]
+    else:
+        settings += [f"zero point {str(q['zero_point']).lower()}", "GEMM"]
+    tok = tokens.manifest["params"] if tokens else {}
+    data = ModelCardData(
+        base_model=params["source"] if is_hub else None,
+        license=meta.get("license"),
+        license_name=meta.get("license_name"),
+        license_link=meta.get("license_link"),
+        language=meta.get("language"),
+        library_name="transformers",
+        pipeline_tag=meta.get("pipeline_tag") or "text-generation",
+        tags=sorted({fmt, f"{q['bits']}-bit", "quantized", "quantforge", "gptqmodel", *([arch] if arch else [])}),
+        quantized_by=namespace,
+        **({"base_model_relation": "quantized"} if is_hub else {}),
+    )
+    card = ModelCard.from_template(
+        data, template_str=card_template(fmt),
+        repo_id=repo_id, model=model, fmt=fmt, FMT=fmt.upper(), source=params["source"],
+        source_url=f"https://huggingface.co/{params['source']}" if is_hub else None,
+        source_revision=params.get("commit") or params.get("digest", "")[:16],
+        settings=", ".join(settings), size=_size(q["size"]),
+        bpw=f"{q['bits_per_weight']:.2f}" if q.get("bits_per_weight") else "-",
+        ppl=f"{g['ppl']:.3f} ± {g['ppl_err']:.3f}" if "ppl" in g else "-",
+        source_ppl=f"{g['source_ppl']:.3f}" if "source_ppl" in g else "-",
+        delta_ppl=_pct(g.get("delta_ppl")), kld=f"{g['kld_mean']:.4f}" if "kld_mean" in g else "-",
+        top1=_pct(g.get("top1"), signed=False), tokens_scored=g.get("tokens_scored", 0),
+        eval_desc=(f"`{tok.get('dataset')}`, {tok.get('chunks')} windows of {tok.get('ctx')} tokens, second half "
+                   "of each scored" if tok else "not measured"),
+        calibration=_calibration_desc(q.get("calibration")), device=q.get("device", "?"),
+        quantize_minutes=f"{q.get('quantize_seconds', 0) / 60:.1f}",
+        gptqmodel=quant.manifest["tools"].get("gptqmodel", "?"), quantforge_version=__version__,
+        build_date=time.strftime("%Y-%m-%d", time.gmtime()), chat_template=chat_template(source_dir),
+        source_card=text,
     )
     return str(card)

@@ -64,7 +64,7 @@ def validate(targets_file: TargetsArg) -> None:
         targets = load_targets(targets_file)
     except QuantforgeError as exc:
         raise _fail(exc) from None
-    n = sum(len(getattr(m.formats, f).types) for m in targets.models for f in m.formats.enabled())
+    n = sum(len(m.formats.gguf.types) if f == "gguf" else 1 for m in targets.models for f in m.formats.enabled())
     typer.echo(f"{targets_file}: ok ({len(targets.models)} models, {n} artifacts)")
 
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from .errors import BadInputError, ConfigError, ConfigIssue
 from .gguf_types import GGUF_TYPES, INTERMEDIATE_TYPES
 
-FORMAT_NAMES = ("gguf",)  # GPTQ and AWQ join when their formats land
+FORMAT_NAMES = ("gguf", "gptq", "awq")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -43,6 +43,8 @@ class GGUFTarget(_Strict):
 
     types: list[GGUFType] = Field(default_factory=lambda: ["Q4_K_M", "Q8_0"], min_length=1)
     intermediate: Literal[INTERMEDIATE_TYPES] = "auto"  # type: ignore[valid-type]
+    # an importance matrix from the model-level `calibration` text weights the quantization error per column
+    imatrix: bool = False
 
     @field_validator("types")
     @classmethod
@@ -53,8 +55,77 @@ class GGUFTarget(_Strict):
         return value
 
 
+class _CalibratedTarget(_Strict):
+    """What GPTQ and AWQ share: bit width, groups, and (optionally) their own calibration text."""
+
+    bits: int = 4
+    # columns that share one scale; -1 = one group per row. Must divide every quantized layer's input size.
+    group_size: int = 128
+    # unset: the model's `calibration` settings
+    samples: int | None = Field(None, ge=1, le=100000)
+    seq_len: int | None = Field(None, ge=16, le=32768)
+    dataset: str | None = None
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value != -1 and value < 16:
+            raise ValueError("expected -1 (one group per row) or a size of at least 16, such as 32, 64 or 128")
+        return value
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, value: str | None) -> str | None:
+        from .data import parse_text_source
+
+        if value is not None:
+            parse_text_source(value)
+        return value
+
+
+class GPTQTarget(_CalibratedTarget):
+    """`formats.gptq`: GPTQ through GPTQModel, written in the classic (v1) checkpoint format."""
+
+    bits: Literal[2, 3, 4, 8] = 4
+    desc_act: bool = False
+    sym: bool = True
+    damp: float = Field(0.01, gt=0, lt=1)  # dampening added to the Hessian diagonal, as a fraction of its mean
+
+
+class AWQTarget(_CalibratedTarget):
+    """`formats.awq`: AWQ through GPTQModel, written as GEMM (the layout vLLM, TGI and transformers read)."""
+
+    bits: Literal[4] = 4  # the GEMM kernels are 4-bit only
+    zero_point: bool = True
+
+    @field_validator("group_size")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value == -1:
+            raise ValueError("AWQ needs groups: use 32, 64 or 128")
+        return value
+
+
+class CalibrationSettings(_Strict):
+    """`calibration`: the text GPTQ, AWQ and the GGUF importance matrix are calibrated on."""
+
+    dataset: str = "builtin"
+    samples: int = Field(128, ge=1, le=100000)
+    seq_len: int = Field(512, ge=16, le=32768)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, value: str) -> str:
+        from .data import parse_text_source
+
+        parse_text_source(value)
+        return value
+
+
 class Formats(_Strict):
     gguf: GGUFTarget | None = None
+    gptq: GPTQTarget | None = None
+    awq: AWQTarget | None = None
 
     def enabled(self) -> list[str]:
         return [name for name in FORMAT_NAMES if getattr(self, name) is not None]
@@ -145,6 +216,8 @@ class EvaluationSettings(_Strict):
             fmt, _, qtype = key.partition("/")
             if fmt not in FORMAT_NAMES:
                 raise ValueError(f"{key!r}: unknown format {fmt!r} (formats: {', '.join(FORMAT_NAMES)})")
+            if qtype and fmt != "gguf":
+                raise ValueError(f"{key!r}: {fmt} makes one checkpoint; write {fmt!r} without a type")
             if qtype and fmt == "gguf" and qtype.upper() not in GGUF_TYPES:
                 close = difflib.get_close_matches(qtype.upper(), list(GGUF_TYPES), n=1)
                 raise ValueError(f"{key!r}: unknown GGUF type" + (f"; did you mean {close[0]!r}?" if close else ""))
@@ -168,7 +241,7 @@ class ModelSettings(_Strict):
     formats: Formats = Formats()
     publish: PublishTarget = PublishTarget()
     evaluation: EvaluationSettings = EvaluationSettings()
-
+    calibration: CalibrationSettings = CalibrationSettings()
 
     @field_validator("revision", mode="before")
     @classmethod

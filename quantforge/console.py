@@ -4,6 +4,7 @@ under --json (whose stdout is the report)."""
 from __future__ import annotations
 
 import sys
+import time
 from typing import TextIO
 
 from rich.console import Console
@@ -34,11 +35,14 @@ def _describe(result: StepResult) -> str:
 class PlainReporter:
     """One line per step that did something (and one per failure) — for CI logs."""
 
+    PROGRESS_EVERY = 30.0  # seconds between progress lines of one long step
+
     def __init__(self, stream: TextIO | None = None, only_failures: bool = False):
         self.stream = stream or sys.stderr
         self.only_failures = only_failures
         self.done = 0
         self.total = 0
+        self._last_progress = 0.0
 
     def begin(self, total: int, dry_run: bool) -> None:
         self.total = total
@@ -47,6 +51,13 @@ class PlainReporter:
         if not self.only_failures:
             print(f"[{self.done + 1}/{self.total}] running {step.label}: {'; '.join(reasons)}",
                   file=self.stream, flush=True)
+        self._last_progress = time.monotonic()
+
+    def step_progress(self, step: Step, text: str) -> None:
+        now = time.monotonic()
+        if not self.only_failures and now - self._last_progress >= self.PROGRESS_EVERY:
+            self._last_progress = now
+            print(f"[{self.done + 1}/{self.total}]   {step.label}: {text}", file=self.stream, flush=True)
 
     def step_finished(self, result: StepResult) -> None:
         self.done += 1
@@ -72,6 +83,9 @@ class RichReporter:
 
     def step_started(self, step: Step, reasons: list[str]) -> None:
         self.progress.update(self.task, description=f"{step.label}")
+
+    def step_progress(self, step: Step, text: str) -> None:
+        self.progress.update(self.task, description=f"{step.label} [dim]{text}[/]")
 
     def step_finished(self, result: StepResult) -> None:
         if result.status not in ("reused", "not-needed"):

@@ -1,4 +1,4 @@
-"""Text for evaluation (and, later, calibration), and the token windows cut from it.
+"""Text for evaluation and calibration, and the token windows cut from it.
 
 Sources, as written in targets.yaml:
     builtin                              Python's own documentation topics (pydoc_data): offline, no download
@@ -9,6 +9,7 @@ Sources, as written in targets.yaml:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def load_text(source: TextSource) -> str:
             try:
                 texts.append(Path(path).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError) as exc:
-                raise BadInputError(f"evaluation text {path}: {exc}") from None
+                raise BadInputError(f"text file {path}: {exc}") from None
         return "\n\n".join(texts)
     return _load_hub_dataset(source)
 
@@ -84,6 +85,16 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def text_identity(dataset: str, base_dir: Path, memo: Callable[[str, Callable[[], str]], str]
+                  ) -> tuple[str, str | None]:
+    """(spec, digest) naming a text in a step's parameters: local text by its content, a Hub dataset by its spec
+    (reading it would mean downloading it). File paths become absolute, so a spec means one thing everywhere."""
+    source = resolve_paths(parse_text_source(dataset), base_dir)
+    digest = None if source.kind == "hf" else memo(f"text:{source}", lambda: text_digest(load_text(source)))
+    spec = dataset if source.kind != "file" else "file:" + ",".join(source.paths)
+    return spec, digest
+
+
 def cut_windows(ids: list[int], ctx: int, chunks: int, bos_id: int | None) -> np.ndarray:
     """`chunks` consecutive windows of `ctx` tokens; the first token of each is BOS when the model has one
     (as llama.cpp's perplexity tool does), so every runtime sees exactly these ids."""
@@ -95,3 +106,18 @@ def cut_windows(ids: list[int], ctx: int, chunks: int, bos_id: int | None) -> np
     if bos_id is not None:
         windows[:, 0] = bos_id
     return windows
+
+
+def cut_calibration(ids: list[int], seq_len: int, samples: int, bos_id: int | None) -> tuple[np.ndarray, int]:
+    """`samples` windows of `seq_len` tokens for calibration, taken from the *end* of the text, so that with the
+    same text for both they do not overlap the evaluation windows (taken from the start) unless the text is too
+    short. Returns the windows and the index of the first token used."""
+    needed = seq_len * samples
+    if len(ids) < needed:
+        raise BadInputError(f"calibration text has {len(ids)} tokens; samples {samples} x seq_len {seq_len} needs "
+                            f"{needed}: lower samples or add text")
+    first = len(ids) - needed
+    windows = np.asarray(ids[first:], dtype=np.int32).reshape(samples, seq_len)
+    if bos_id is not None:
+        windows[:, 0] = bos_id
+    return windows, first

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +55,8 @@ class StepContext:
     log_path: Path
     inputs: dict[str, StepOutput]
     options: BuildOptions
+    # a long step says how far it is ("layer 3/30"); the console shows it next to the step's label
+    progress: Callable[[str], None] = lambda _text: None
 
 
 @dataclass
@@ -77,6 +80,7 @@ class StepResult:
 class Reporter(Protocol):
     def begin(self, total: int, dry_run: bool) -> None: ...
     def step_started(self, step: Step, reasons: list[str]) -> None: ...
+    def step_progress(self, step: Step, text: str) -> None: ...
     def step_finished(self, result: StepResult) -> None: ...
     def end(self) -> None: ...
 
@@ -174,7 +178,8 @@ def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporte
                                     reasons=[f"input failed: {', '.join(blocked)}"])
             else:
                 reporter.step_started(step, todo[step.label])
-                result = _run_step(step, todo[step.label], work, options)
+                result = _run_step(step, todo[step.label], work, options,
+                                   lambda text, step=step: reporter.step_progress(step, text))
                 if result.status == "failed":
                     failed.add(step.label)
                     stop = not options.keep_going
@@ -185,7 +190,8 @@ def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporte
     return report
 
 
-def _run_step(step: Step, reasons: list[str], work: WorkDir, options: BuildOptions) -> StepResult:
+def _run_step(step: Step, reasons: list[str], work: WorkDir, options: BuildOptions,
+              progress: Callable[[str], None] = lambda _text: None) -> StepResult:
     log_path = work.log_path(step.label)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text(f"# {step.label} (key {step.key[:16]})\n# why: {'; '.join(reasons)}\n")
@@ -195,7 +201,7 @@ def _run_step(step: Step, reasons: list[str], work: WorkDir, options: BuildOptio
     result = StepResult(step.label, step.kind, step.key, "built", reasons=reasons, log=str(log_path))
     try:
         with work.staging(step.kind, step.key) as staged:
-            ctx = StepContext(step, staged, log_path, inputs, options)
+            ctx = StepContext(step, staged, log_path, inputs, options, progress)
             data = runner_for(step.kind)(step, ctx)
             files = {p.relative_to(staged).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                      for p in sorted(staged.rglob("*")) if p.is_file() and p.name != MANIFEST}

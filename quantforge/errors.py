@@ -68,3 +68,12 @@ class WorkDirLocked(QuantforgeError):
 
 class PublishError(QuantforgeError):
     """Publishing an artifact failed."""
+
+
+class IncompatibleShapes(QuantforgeError):
+    """A model's layer shapes do not fit the requested quantization (e.g. a group size that does not divide a
+    layer's input size)."""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.hint = hint
+        super().__init__(message)

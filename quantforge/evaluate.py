@@ -19,7 +19,7 @@ import numpy as np
 
 from . import metrics
 from .config import EvaluationSettings, ModelTarget, Targets
-from .data import cut_windows, load_text, parse_text_source, resolve_paths, text_digest
+from .data import cut_windows, load_text, parse_text_source, resolve_paths, text_identity
 from .errors import QuantforgeError
 from .plan import PlanContext, Step
 
@@ -49,11 +49,7 @@ class EvalSteps:
 
 def plan_evaluation(model: ModelTarget, targets: Targets, source: Step, context: PlanContext) -> EvalSteps:
     settings = model.evaluation
-    text_source = resolve_paths(parse_text_source(settings.dataset), targets.base_dir)
-    # a Hub dataset is identified by its spec (loading it means downloading it); local text by its content
-    digest = None if text_source.kind == "hf" else context.memo(
-        f"text:{text_source}", lambda: text_digest(load_text(text_source)))
-    spec = settings.dataset if text_source.kind != "file" else "file:" + ",".join(text_source.paths)
+    spec, digest = text_identity(settings.dataset, targets.base_dir, context.memo)
     tokens = Step("eval.tokens", f"{model.name}:eval-tokens",
                   params={"dataset": spec, "text_sha256": digest, "ctx": settings.ctx, "chunks": settings.chunks},
                   inputs={"source": source}, model=model.name)

@@ -114,6 +114,7 @@ def stale_reasons(step: Step, work: WorkDir) -> list[str]:
 
 def build_plan(targets: Targets, context: PlanContext) -> Plan:
     """Every step for every model and format, in dependency order."""
+    from .calibrate import calibration_step
     from .evaluate import plan_evaluation
     from .formats import FORMATS
     from .publish import publish_step
@@ -126,7 +127,11 @@ def build_plan(targets: Targets, context: PlanContext) -> Plan:
         steps += [src, evaluation.tokens, evaluation.reference]
         for fmt_name in model.formats.enabled():
             fmt = FORMATS[fmt_name]
-            artifacts = fmt.plan(model, getattr(model.formats, fmt_name), src, evaluation, context)
+            # the calibration windows a format asks for (shared when two formats ask for the same)
+            def calibration(model=model, src=src, **override) -> Step:
+                return calibration_step(model, targets, src, context, **override)
+
+            artifacts = fmt.plan(model, getattr(model.formats, fmt_name), src, evaluation, context, calibration)
             steps.extend(artifacts.steps)
             steps.append(publish_step(model, fmt_name, artifacts.publishable, src, evaluation.tokens, targets))
     return Plan(targets, topological(steps))

@@ -31,7 +31,7 @@ def artifact_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     steps = {s["label"]: s for s in data["steps"]}
     rows = []
     for label, step in steps.items():
-        if step["kind"] != "gguf.quantize":
+        if step["kind"] not in ("gguf.quantize", "gptq.quantize", "awq.quantize"):
             continue
         verify = steps.get(label.replace(":quantize", ":verify"), {})
         evaluate = steps.get(label.replace(":quantize", ":evaluate"), {}).get("data", {})
@@ -39,7 +39,7 @@ def artifact_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         d = step.get("data", {})
         rows.append({
             "artifact": label.removesuffix(":quantize"),
-            "file": d.get("file"),
+            "file": d.get("file") or d.get("dir"),
             "size_mb": round(d["size"] / 1e6, 1) if "size" in d else None,
             "bpw": d.get("bits_per_weight"),
             "fallbacks": len(d.get("fallbacks", [])),

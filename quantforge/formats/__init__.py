@@ -1,4 +1,5 @@
-"""Output formats. Each is one module exposing `plan(model, target, source_step, context) -> PlannedFormat`;
+"""Output formats. Each is one module exposing
+`plan(model, target, source, evaluation, context, calibration) -> PlannedFormat`;
 its step kinds are registered in `quantforge.runners`."""
 
 from __future__ import annotations
@@ -32,5 +33,5 @@ class _Registry(dict):
         return module
 
 
-_KNOWN = ("gguf",)
+_KNOWN = ("gguf", "gptq", "awq")
 FORMATS: _Registry = _Registry()

@@ -2,6 +2,7 @@
 file in the llama.cpp runtime before it may be published.
 
     source ─► gguf.convert ─► gguf.quantize[type] ─► gguf.verify[type] ─► gguf.evaluate[type] ─► gate ─► publish
+    source ─► calibration ─► gguf.imatrix ─┘   (with `imatrix: true`; one matrix for every type)
 
 verify: llama.cpp loads the file and greedily generates; evaluate: perplexity, KL divergence and top-1
 agreement against the source model on the harness's windows, the GGUF's own tokenizer against the source's,
@@ -10,9 +11,11 @@ and the chat template; gate: the limits those must meet before the file may be p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..calibrate import IMATRIX_FILE, imatrix_step
 from ..config import GGUFTarget, ModelTarget
 from ..errors import VerificationError
 from ..evaluate import REFERENCE_FILE, SAMPLE_FILE, WINDOWS_FILE, EvalSteps, gate_step
@@ -34,7 +37,7 @@ def artifact_name(model: str, gguf_type: str) -> str:
 
 
 def plan(model: ModelTarget, target: GGUFTarget, source: Step, evaluation: EvalSteps,
-         context: PlanContext) -> PlannedFormat:
+         context: PlanContext, calibration: Callable[..., Step]) -> PlannedFormat:
     converter = context.memo("converter", lambda: llamacpp.converter_version(context.llama_cpp_dir))
     libllama = context.memo("libllama", llamacpp.llama_cpp_version)
     out = PlannedFormat()
@@ -42,10 +45,15 @@ def plan(model: ModelTarget, target: GGUFTarget, source: Step, evaluation: EvalS
                    params={"outtype": target.intermediate}, inputs={"source": source},
                    tools={"converter": converter}, model=model.name, fmt="gguf")
     out.steps.append(convert)
+    quantize_inputs = {"intermediate": convert}
+    if target.imatrix:
+        imatrix = imatrix_step(model, source, calibration())
+        out.steps.append(imatrix)
+        quantize_inputs["imatrix"] = imatrix
     for gguf_type in target.types:
         quantize = Step(kind="gguf.quantize", label=f"{model.name}/gguf/{gguf_type}:quantize",
                         params={"type": gguf_type, "file": artifact_name(model.name, gguf_type)},
-                        inputs={"intermediate": convert}, tools={"libllama": libllama},
+                        inputs=quantize_inputs, tools={"libllama": libllama},
                         model=model.name, fmt="gguf")
         verify = Step(kind="gguf.verify", label=f"{model.name}/gguf/{gguf_type}:verify",
                       params={"prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS},
@@ -84,9 +92,16 @@ def run_convert(step: Step, ctx: StepContext) -> dict[str, Any]:
 def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
     intermediate = ctx.inputs["intermediate"].file(INTERMEDIATE_FILE)
     out_file = ctx.out_dir / step.params["file"]
-    result = llamacpp.quantize(intermediate, out_file, step.params["type"], ctx.log_path, ctx.options.threads)
+    imatrix = None
+    if "imatrix" in ctx.inputs:
+        # HF module names become GGUF tensor names through the converter's own name map
+        converter = llamacpp.provision_converter(ctx.options.llama_cpp_dir)
+        imatrix = (ctx.inputs["imatrix"].file(IMATRIX_FILE), converter.root / "gguf-py")
+    result = llamacpp.quantize(intermediate, out_file, step.params["type"], ctx.log_path, ctx.options.threads,
+                               imatrix=imatrix)
     info = llamacpp.describe_gguf(out_file)
     return {
+        "imatrix": result.get("imatrix"),
         "type": step.params["type"],
         "file": out_file.name,
         "converter": ctx.inputs["intermediate"].data.get("converter"),

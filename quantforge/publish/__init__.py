@@ -86,6 +86,11 @@ def _artifact_files(artifacts: dict[str, tuple[StepOutput, StepOutput]], out_dir
     files: dict[str, tuple[Path, str]] = {}
     shards: dict[str, list[str]] = {}
     for name, (out, _) in artifacts.items():
+        if "dir" in out.data:  # a checkpoint folder (GPTQ, AWQ): its files go to the repo's root
+            prefix = out.data["dir"] + "/"
+            files.update({rel[len(prefix):]: (out.file(rel), meta["sha256"]) for rel, meta in out.files().items()
+                          if rel.startswith(prefix)})
+            continue
         file = out.data["file"]
         if out.files()[file]["size"] <= max_file_size:
             files[file] = (out.file(file), out.files()[file]["sha256"])
@@ -101,7 +106,7 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
     built = _artifacts(ctx.inputs)
     artifacts: dict[str, dict[str, Any]] = {
         name: {"artifact": {k: v for k, v in out.data.items() if k != "tensor_types"}, "check": gate.data,
-               "sha256": out.files()[out.data["file"]]["sha256"]}
+               **({"sha256": out.files()[out.data["file"]]["sha256"]} if "file" in out.data else {})}
         for name, (out, gate) in built.items()}
     manifest = {
         "quantforge": __version__,
@@ -132,11 +137,13 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
 def render_card(step: Step, inputs: dict[str, StepOutput], shards: dict[str, list[str]] | None = None) -> str:
     """The repo's model card, from the outputs of the publish step's inputs (also used by `quantforge card`,
     which does not split: there, a file over the size limit is listed whole)."""
-    from ..card import render_gguf_card
+    from ..card import render_checkpoint_card, render_gguf_card
 
-    return render_gguf_card(repo_id=step.params["repo_id"], model=step.model, namespace=step.params["namespace"],
-                            source=inputs["source"], artifacts=_artifacts(inputs), tokens=inputs.get("tokens"),
-                            shards=shards or {})
+    common = {"repo_id": step.params["repo_id"], "model": step.model, "namespace": step.params["namespace"],
+              "source": inputs["source"], "artifacts": _artifacts(inputs), "tokens": inputs.get("tokens")}
+    if step.params["format"] == "gguf":
+        return render_gguf_card(**common, shards=shards or {})
+    return render_checkpoint_card(**common, fmt=step.params["format"])
 
 
 def check_published(step: Step, manifest: dict[str, Any]) -> str | None:

@@ -11,7 +11,6 @@ to the step's log file, and a crash in native code fails one step instead of the
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -194,25 +193,20 @@ _FALLBACK = re.compile(
 
 
 def _run_worker(args: list[str], log_path: Path, result_file: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "quantforge.toolchains.llamacpp_worker", *args, "--result", str(result_file)]
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        result = json.loads(result_file.read_text())
-    except (OSError, ValueError):
-        result = {"ok": False, "error": f"libllama worker exited with code {proc.returncode} and no result"}
-    finally:
-        result_file.unlink(missing_ok=True)
-    return result
+    from .worker import run_worker
+
+    return run_worker("quantforge.toolchains.llamacpp_worker", args, log_path, result_file)
 
 
-def quantize(in_file: Path, out_file: Path, gguf_type: str, log_path: Path, threads: int | None = None) -> dict:
-    """Quantize with libllama's llama_model_quantize; returns what llama.cpp did (fallbacks included)."""
+def quantize(in_file: Path, out_file: Path, gguf_type: str, log_path: Path, threads: int | None = None,
+             imatrix: tuple[Path, Path] | None = None) -> dict:
+    """Quantize with libllama's llama_model_quantize; returns what llama.cpp did (fallbacks included).
+    `imatrix`: (an importance matrix under HF module names, the converter's gguf-py that maps them)."""
     start = log_path.stat().st_size if log_path.exists() else 0
-    result = _run_worker(["quantize", str(in_file), str(out_file), gguf_type, "--threads", str(threads or 0)],
-                         log_path, out_file.with_suffix(".result.json"))
+    args = ["quantize", str(in_file), str(out_file), gguf_type, "--threads", str(threads or 0)]
+    if imatrix is not None:
+        args += ["--imatrix", str(imatrix[0]), "--gguf-py", str(imatrix[1])]
+    result = _run_worker(args, log_path, out_file.with_suffix(".result.json"))
     if not result.get("ok") or not out_file.is_file():
         raise ToolchainError(f"llama.cpp quantization to {gguf_type} failed: {result.get('error', 'unknown')}")
     with open(log_path, encoding="utf-8", errors="replace") as log:

@@ -1,6 +1,7 @@
 """Child process for libllama work; the only module that imports llama_cpp.
 
-    python -m quantforge.toolchains.llamacpp_worker quantize IN OUT TYPE [--threads N] --result FILE
+    python -m quantforge.toolchains.llamacpp_worker quantize IN OUT TYPE [--threads N]
+                                                             [--imatrix NPZ --gguf-py DIR] --result FILE
     python -m quantforge.toolchains.llamacpp_worker generate GGUF --prompt TEXT [--tokens N] --result FILE
     python -m quantforge.toolchains.llamacpp_worker evaluate GGUF --windows NPY --reference NPZ [--sample JSON]
                                                              --result FILE
@@ -20,7 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from quantforge.gguf_types import GGUF_TYPES
+from quantforge.toolchains.worker import serve
 
 
 def quantize(args: argparse.Namespace) -> dict[str, Any]:
@@ -31,16 +35,61 @@ def quantize(args: argparse.Namespace) -> dict[str, Any]:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, GGUF_TYPES[args.type])
     params.nthread = args.threads
+    used: dict[str, Any] | None = None
+    if args.imatrix:
+        entries, used = imatrix_entries(args.imatrix, args.gguf_py, args.input)
+        # a NULL-name-terminated C array; `keep` holds the buffers alive until quantization returns
+        array = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
+        keep = []
+        for i, (name, values) in enumerate(sorted(entries.items())):
+            buffer = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append((name.encode(), buffer))
+            array[i].name = keep[-1][0]
+            array[i].data = buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            array[i].size = buffer.size
+        array[len(entries)].name = None
+        params.imatrix = ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     started = time.perf_counter()
     rc = llama_cpp.llama_model_quantize(str(args.input).encode(), str(args.output).encode(), ctypes.byref(params))
     seconds = time.perf_counter() - started
     if rc != 0:
         return {"ok": False, "error": f"llama_model_quantize returned {rc} (see the log)"}
-    return {"ok": True, "seconds": round(seconds, 3)}
+    return {"ok": True, "seconds": round(seconds, 3), "imatrix": used}
+
+
+def imatrix_entries(npz: Path, gguf_py: Path, gguf_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An importance matrix under Hugging Face module names -> {GGUF tensor name: values}, through the name map
+    of the converter that wrote `gguf_file`; and a record of what was mapped."""
+    sys.path.insert(0, str(gguf_py))  # the converter's gguf-py, which is newer than PyPI's
+    import gguf
+
+    from quantforge.toolchains.gguf_header import read_header
+
+    header = read_header(gguf_file)
+    arch_name = header.metadata["general.architecture"]
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
+    if arch is None:
+        raise ValueError(f"the converter's gguf-py does not know architecture {arch_name!r}")
+    name_map = gguf.get_tensor_name_map(arch, int(header.metadata[f"{arch_name}.block_count"]))
+    columns = {t.name: t.shape[0] for t in header.tensors}  # ne[0]: the input size of a weight matrix
+    entries: dict[str, Any] = {}
+    unmapped: list[str] = []
+    with np.load(npz) as matrix:
+        for hf_name in matrix.files:
+            name = name_map.get_name(hf_name + ".weight", try_suffixes=(".weight",))
+            values = matrix[hf_name]
+            if name is None or columns.get(name) != values.size:
+                unmapped.append(hf_name)
+                continue
+            entries[name] = values
+    if not entries:
+        raise ValueError(f"no importance-matrix entry maps to a tensor of {gguf_file.name} (unmapped: "
+                         f"{', '.join(unmapped[:5])})")
+    print(f"quantforge: importance matrix: {len(entries)} tensors, {len(unmapped)} unmapped", file=sys.stderr)
+    return entries, {"tensors": len(entries), "unmapped": unmapped}
 
 
 def generate(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
     from llama_cpp import Llama
 
     started = time.perf_counter()
@@ -77,7 +126,6 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Score the GGUF on the harness's windows (the same token ids the source model saw)."""
-    import numpy as np
     from llama_cpp import Llama
 
     from quantforge import metrics
@@ -120,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("output", type=Path)
     q.add_argument("type", choices=sorted(GGUF_TYPES))
     q.add_argument("--threads", type=int, default=0)
+    q.add_argument("--imatrix", type=Path)
+    q.add_argument("--gguf-py", type=Path)
     g = sub.add_parser("generate")
     g.add_argument("gguf", type=Path)
     g.add_argument("--prompt", required=True)
@@ -132,17 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--threads", type=int, default=0)
     for p in (q, g, e):
         p.add_argument("--result", type=Path, required=True)
-    args = parser.parse_args(argv)
-    try:
-        result = COMMANDS[args.command](args)
-    except Exception as exc:  # reported to the parent as data; the traceback goes to the log
-        import traceback
-
-        traceback.print_exc()
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    args.result.write_text(json.dumps(result))
-    sys.stderr.flush()
-    return 0 if result.get("ok") else 1
+    return serve(parser.parse_args(argv), COMMANDS)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+"""Child process for GPTQModel and transformers work on quantized checkpoints; the only module that imports
+gptqmodel.
+
+    python -m quantforge.toolchains.gptqmodel_worker quantize SRC OUT --method gptq|awq --calibration NPY
+                                                              --settings JSON --scratch DIR --result FILE
+    python -m quantforge.toolchains.gptqmodel_worker generate DIR --prompt TEXT [--tokens N] --result FILE
+    python -m quantforge.toolchains.gptqmodel_worker evaluate DIR --windows NPY --reference NPZ [--sample JSON]
+                                                              --result FILE
+
+Output goes to the step's log; the outcome is JSON in --result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantforge.toolchains.worker import report_progress, serve
+
+# Copied from the source as they are: GPTQModel re-saves the tokenizer and "fixes" the generation config, but
+# what a consumer gets should be the source's own.
+SOURCE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                "generation_config.json")
+CONFIG_FILES = ("config.json", "quantize_config.json")
+QUANT_LOG = "quant_log.csv"
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def quantize(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    s = json.loads(args.settings)
+    device = _device()
+    windows = np.load(args.calibration)
+    calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in windows]
+    common = {"bits": s["bits"], "group_size": s["group_size"], "offload_to_disk_path": str(args.scratch / "offload")}
+    if args.method == "gptq":
+        config = QuantizeConfig(**common, desc_act=s["desc_act"], sym=s["sym"], damp_percent=s["damp"])
+        backend = BACKEND.AUTO
+    else:
+        config = QuantizeConfig(**common, method="awq", format="gemm", sym=not s["zero_point"])
+        # GPTQModel's default AWQ backend needs CUDA; its torch kernel packs the same GEMM layout on a CPU
+        backend = BACKEND.AUTO if device == "cuda" else BACKEND.AWQ_TORCH
+    # fp16 on both devices: the checkpoint's scales and unquantized weights are fp16, which every consumer
+    # reads (GPTQModel's AWQ packer refuses fp32); GPTQ's Hessian and solve run in fp32 regardless
+    started = time.perf_counter()
+    model = GPTQModel.load(str(args.source), config, dtype=torch.float16, device=device)
+    load_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    model.quantize(calibration, batch_size=1, backend=backend)
+    quantize_seconds = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save(str(args.out))
+    del model
+    _tidy_checkpoint(args.source, args.out, args.scratch)
+    return {"ok": True, "device": device, "dtype": "float16", "load_seconds": round(load_seconds, 2),
+            "quantize_seconds": round(quantize_seconds, 2), "calibration_tokens": int(windows.size)}
+
+
+def _tidy_checkpoint(source: Path, out: Path, scratch: Path) -> None:
+    """Make the saved folder what a consumer should download: the source's tokenizer and generation config,
+    no local paths in the configs, and GPTQModel's per-layer loss table kept beside it rather than in it."""
+    for name in SOURCE_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    for name in CONFIG_FILES:
+        path = out / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        for meta in (data.get("meta"), data.get("quantization_config", {}).get("meta")):
+            if isinstance(meta, dict):
+                meta.pop("offload_to_disk_path", None)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if (out / QUANT_LOG).is_file():
+        shutil.move(out / QUANT_LOG, scratch / QUANT_LOG)
+
+
+def _load(checkpoint: Path):
+    from transformers import AutoModelForCausalLM
+
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), device_map=_device()).eval()
+    return model, time.perf_counter() - started
+
+
+def _kernels(model) -> list[str]:
+    """The quantized-linear classes transformers chose (which GPTQModel kernel serves this checkpoint)."""
+    return sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+
+
+def generate(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import AutoTokenizer
+
+    model, load_seconds = _load(args.checkpoint)
+    kernels = _kernels(model)
+    if not kernels:
+        return {"ok": False, "error": "transformers loaded no quantized layer (quantization_config ignored?)"}
+    tokenizer = AutoTokenizer.from_pretrained(str(args.checkpoint))
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(model.device)
+    prompt_tokens = int(ids.shape[1])
+    generated: list[int] = []
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(args.tokens):
+            logits = model(ids).logits[0, -1].float()
+            if not torch.isfinite(logits).all():
+                return {"ok": False, "error": f"non-finite logits after {len(generated)} generated tokens"}
+            token = int(logits.argmax())
+            generated.append(token)
+            if token == tokenizer.eos_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
+    seconds = time.perf_counter() - started
+    return {"ok": True, "prompt_tokens": prompt_tokens, "generated_ids": generated,
+            "generated_text": tokenizer.decode(generated), "kernels": kernels, "device": str(model.device),
+            "load_seconds": round(load_seconds, 2), "tokens_per_second": round(len(generated) / seconds, 2)}
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Score the checkpoint on the harness's windows (the same token ids the source model saw)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from quantforge import metrics
+    from quantforge.card import chat_template
+
+    windows = np.load(args.windows)
+    reference = metrics.Reference.load(args.reference)
+    model, _ = _load(args.checkpoint)
+    comparison = metrics.Comparison([], [], [])
+    offset = 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for i, window in enumerate(windows):
+            ids = torch.from_numpy(window[None, :].astype(np.int64)).to(model.device)
+            logits = model(ids).logits[0].float().cpu().numpy()
+            comparison.add_window(logits, window, reference, offset)
+            offset += len(comparison.nll[-1])
+            report_progress(f"window {i + 1}/{len(windows)}")
+    seconds = time.perf_counter() - started
+    result: dict[str, Any] = {"ok": True, **metrics.summarize(comparison, reference), "seconds": round(seconds, 3),
+                              "tokens_per_second": round(windows.size / seconds, 1)}
+    if args.sample:
+        sample = json.loads(args.sample.read_text())
+        tokenizer = AutoTokenizer.from_pretrained(str(args.checkpoint))
+        got = tokenizer(sample["text"], add_special_tokens=False)["input_ids"]
+        result["tokenizer"] = metrics.tokenizer_parity(sample["ids"], got, lambda t: tokenizer.decode([t]))
+    result["chat_template"] = chat_template(args.checkpoint) is not None
+    return result
+
+
+COMMANDS = {"quantize": quantize, "generate": generate, "evaluate": evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gptqmodel_worker")
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize")
+    q.add_argument("source", type=Path)
+    q.add_argument("out", type=Path)
+    q.add_argument("--method", choices=("gptq", "awq"), required=True)
+    q.add_argument("--calibration", type=Path, required=True)
+    q.add_argument("--settings", required=True)
+    q.add_argument("--scratch", type=Path, required=True)
+    g = sub.add_parser("generate")
+    g.add_argument("checkpoint", type=Path)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--tokens", type=int, default=8)
+    e = sub.add_parser("evaluate")
+    e.add_argument("checkpoint", type=Path)
+    e.add_argument("--windows", type=Path, required=True)
+    e.add_argument("--reference", type=Path, required=True)
+    e.add_argument("--sample", type=Path)
+    for p in (q, g, e):
+        p.add_argument("--result", type=Path, required=True)
+    return serve(parser.parse_args(argv), COMMANDS)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

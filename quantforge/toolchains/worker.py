@@ -1,0 +1,95 @@
+"""Running a toolchain's work in a child process: its output goes to the step's log file, a crash or an
+out-of-memory kill fails that one step, and the memory it used is returned when it exits.
+
+The child writes its outcome as JSON to a result file, so success is never parsed from free text. Progress is:
+the parent reads what the child appended to the log about once a second and reports the latest line that
+matches a progress pattern (the child's own `quantforge-progress: ...` lines, or a tool's, such as
+GPTQModel's "Quantizing layer 3 of 29").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+PROGRESS_PREFIX = "quantforge-progress: "
+_OWN_PROGRESS = re.compile(re.escape(PROGRESS_PREFIX) + r"(?P<text>[^\r\n]+)")
+
+
+def report_progress(text: str) -> None:
+    """Called in the child: one progress line for the parent (stdout is the step's log)."""
+    print(PROGRESS_PREFIX + text, flush=True)
+
+
+def serve(args: Any, commands: dict[str, Callable[[Any], dict[str, Any]]]) -> int:
+    """Called in the child: run `args.command`, write its result (or the exception, as data) to `args.result`."""
+    try:
+        result = commands[args.command](args)
+    except Exception as exc:  # reported to the parent as data; the traceback goes to the log
+        import traceback
+
+        traceback.print_exc()
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    Path(args.result).write_text(json.dumps(result))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return 0 if result.get("ok") else 1
+
+
+def run_worker(module: str, args: Sequence[str], log_path: Path, result_file: Path, *,
+               progress: Callable[[str], None] | None = None,
+               patterns: Sequence[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = (),
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `python -m module *args --result FILE`; return its result (ok false when it wrote none)."""
+    cmd = [sys.executable, "-m", module, *args, "--result", str(result_file)]
+    watched = [(_OWN_PROGRESS, lambda m: m["text"]), *patterns]
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        start = log.tell()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    if progress is not None:
+                        start = _report_latest(log_path, start, watched, progress)
+        except BaseException:  # interrupted: do not leave the child running
+            proc.kill()
+            proc.wait()
+            raise
+    try:
+        result = json.loads(result_file.read_text())
+    except (OSError, ValueError):
+        result = {"ok": False, "error": f"{module.rsplit('.', 1)[-1]} exited with code {proc.returncode} and no "
+                                        "result" + (" (killed: out of memory?)" if proc.returncode in (-9, 137)
+                                                    else "")}
+    finally:
+        result_file.unlink(missing_ok=True)
+    return result
+
+
+def _report_latest(log_path: Path, start: int, watched: Sequence[tuple[re.Pattern[str], Callable]],
+                   progress: Callable[[str], None]) -> int:
+    with open(log_path, "rb") as f:
+        f.seek(start)
+        data = f.read()
+    cut = data.rfind(b"\n") + 1  # keep a partial last line for the next look
+    if not cut:
+        return start
+    text = data[:cut].decode("utf-8", errors="replace")
+    latest: tuple[int, str] | None = None
+    for pattern, describe in watched:
+        for match in pattern.finditer(text):
+            if latest is None or match.start() >= latest[0]:
+                latest = (match.start(), describe(match))
+    if latest is not None:
+        progress(latest[1])
+    return start + cut
