@@ -158,9 +158,11 @@ def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporte
         todo = must_run(plan, work)
         reporter.begin(len(plan.steps), options.dry_run)
         failed: set[str] = set()
+        built_here: set[str] = set()
         stop = False
         for step in plan.steps:
-            if step.label not in todo:
+            # two labels may share a key (two models with one source): the second reuses what the first built
+            if step.label not in todo or step.key in built_here:
                 cached = work.lookup(step.kind, step.key)
                 if cached is None:  # stale, but everything made from it is cached: not needed
                     result = StepResult(step.label, step.kind, step.key, "not-needed")
@@ -183,6 +185,8 @@ def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporte
                 if result.status == "failed":
                     failed.add(step.label)
                     stop = not options.keep_going
+                else:
+                    built_here.add(step.key)
             report.results.append(result)
             reporter.step_finished(result)
         report.finished = time.time()

@@ -34,8 +34,8 @@ def converter():
 def tiny_models(tmp_path_factory, converter):
     root = tmp_path_factory.mktemp("tiny-models")
 
-    def get(family: str) -> Path:
-        return make_tiny_model(family, converter.vocab_dir, root / family)
+    def get(family: str, hidden: int = 64) -> Path:
+        return make_tiny_model(family, converter.vocab_dir, root / f"{family}-{hidden}", hidden=hidden)
 
     return get
 

@@ -56,8 +56,8 @@ INVALID = [
     ("models: [\n", 2, "", "not valid YAML"),
     ("models:\n  - {name: a, source: org/a, revision: 1234, formats: {gguf: {}}}\n", 2, "models[0].revision",
      "put it in quotes"),
-    ("models:\n  - {name: a, source: ./a, formats: {gptq: {bits: 4}}}\n", 2, "models[0].formats.gptq",
-     "unknown key 'gptq'"),
+    ("models:\n  - {name: a, source: ./a, formats: {exl2: {bits: 4}}}\n", 2, "models[0].formats.exl2",
+     "unknown key 'exl2'"),
 ]
 
 
@@ -92,3 +92,36 @@ def test_repo_examples_are_valid():
 
     for path in [REPO / "targets.yaml", *sorted((REPO / "examples").glob("*.yaml"))]:
         load_targets(path)
+
+
+@pytest.mark.parametrize(("fmt", "problem"), [
+    ("gptq: {bits: 5}", "models[0].formats.gptq.bits"),
+    ("gptq: {group_size: 8}", "formats.gptq.group_size: expected -1"),
+    ("gptq: {grop_size: 64}", "did you mean 'group_size'?"),
+    ("awq: {bits: 3}", "models[0].formats.awq.bits"),
+    ("awq: {group_size: -1}", "AWQ needs groups"),
+    ("gguf: {imatrix: maybe}", "formats.gguf.imatrix"),
+])
+def test_calibrated_formats_reject_bad_settings(write_targets, fmt, problem):
+    path = write_targets(f"models:\n  - name: m\n    source: org/m\n    formats: {{{fmt}}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_targets(path)
+    assert problem in str(err.value)
+    assert f"{path}:4:" in str(err.value)
+
+
+def test_checkpoint_gates_take_no_type(write_targets):
+    path = write_targets("models:\n  - name: m\n    source: org/m\n    formats: {gptq: {}}\n"
+                         "    evaluation: {max_ppl_increase: {gptq/4bit: 0.1}}\n")
+    with pytest.raises(ConfigError, match="gptq makes one checkpoint"):
+        load_targets(path)
+
+
+def test_calibration_defaults_and_overrides(write_targets):
+    path = write_targets("defaults:\n  calibration: {samples: 16}\nmodels:\n  - name: m\n    source: org/m\n"
+                         "    formats: {gptq: {seq_len: 128}, awq: {}}\n")
+    model = load_targets(path).models[0]
+    assert (model.calibration.samples, model.calibration.seq_len, model.calibration.dataset) == (16, 512, "builtin")
+    assert model.formats.gptq.seq_len == 128 and model.formats.gptq.samples is None
+    assert (model.formats.gptq.bits, model.formats.gptq.group_size, model.formats.gptq.desc_act) == (4, 128, False)
+    assert (model.formats.awq.zero_point, model.formats.awq.bits) == (True, 4)

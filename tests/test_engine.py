@@ -112,3 +112,19 @@ def test_a_second_build_on_the_same_work_dir_is_refused(tmp_path, runs):
     work = WorkDir(tmp_path / "work")
     with work.locked(), pytest.raises(WorkDirLocked, match=str(os.getpid())):
         run_plan(make_plan(tmp_path), WorkDir(tmp_path / "work"), BuildOptions(), PlainReporter())
+
+
+def test_two_labels_with_one_key_build_once(tmp_path, runs):
+    """Two models with the same source share steps by key: the second label reuses what the first built."""
+    from quantforge.config import Targets
+    from quantforge.plan import Plan, Step, topological
+
+    a1 = Step("test.first", "m1:first", {"n": 1, "chain": 0, "fail": False}, model="m1")
+    a2 = Step("test.first", "m2:first", {"n": 1, "chain": 0, "fail": False}, model="m2")
+    plan = Plan(Targets(tmp_path / "targets.yaml", ()), topological([
+        Step("test.second", "m1:second", {}, inputs={"a": a1}, model="m1"),
+        Step("test.second", "m2:second", {}, inputs={"a": a2}, model="m2")]))
+    report = run_plan(plan, WorkDir(tmp_path / "work"), BuildOptions(), PlainReporter())
+    assert report.ok and runs() == ["m1:first", "m1:second"]
+    assert statuses(report) == {"m1:first": "built", "m1:second": "built", "m2:first": "reused",
+                                "m2:second": "reused"}

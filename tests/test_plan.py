@@ -225,3 +225,46 @@ def test_offline_resolution_uses_the_local_cache(tmp_path, monkeypatch):
     assert resolve_hub_revision("org/m", SHA1, offline=True) == SHA1
     with pytest.raises(SourceError, match="offline"):
         resolve_hub_revision("org/m", "dev", offline=True)
+
+
+CALIBRATED = """
+defaults:
+  publish: {{to: "dir:./out"}}
+  calibration: {{samples: {samples}, seq_len: 256}}
+models:
+  - name: m
+    source: org/m
+    revision: '{sha1}'
+    formats:
+      gguf: {{types: {types}, imatrix: true}}
+      gptq: {{bits: 4, group_size: 64}}
+      awq: {{group_size: 64, samples: 16}}
+"""
+
+
+def calibrated_plan(write_targets, tmp_path, samples=32, types="[Q4_K_M]"):
+    path = write_targets(CALIBRATED.format(samples=samples, types=types, sha1=SHA1))
+    return build_plan(load_targets(path), PlanContext(work=WorkDir(tmp_path / "work"), offline=True))
+
+
+def test_calibration_is_shared_and_the_imatrix_serves_every_type(write_targets, tmp_path):
+    plan = calibrated_plan(write_targets, tmp_path, types="[Q4_K_M, Q5_K_M]")
+    steps = {s.label: s for s in plan.steps}
+    imatrix = steps["m/gguf:imatrix"]
+    # the imatrix and GPTQ ask for the model's calibration text; AWQ asks for its own sample count
+    assert imatrix.inputs["calibration"] is steps["m/gptq:quantize"].inputs["calibration"] is steps["m:calibration"]
+    assert steps["m/awq:quantize"].inputs["calibration"] is steps["m:calibration-16x256"]
+    assert steps["m:calibration-16x256"].params["samples"] == 16
+    for t in ("Q4_K_M", "Q5_K_M"):
+        assert steps[f"m/gguf/{t}:quantize"].inputs["imatrix"] is imatrix
+    assert [s.label for s in plan.steps].index("m:calibration") < [s.label for s in plan.steps].index(
+        "m/gguf:imatrix")
+
+
+def test_imatrix_key_follows_source_and_calibration_not_types(write_targets, tmp_path):
+    before = {s.label: s.key for s in calibrated_plan(write_targets, tmp_path).steps}
+    more_types = {s.label: s.key for s in calibrated_plan(write_targets, tmp_path, types="[Q4_K_M, Q6_K]").steps}
+    assert "m/gguf:imatrix" not in changed(before, more_types)
+    fewer_samples = changed(before, {s.label: s.key for s in calibrated_plan(write_targets, tmp_path, 64).steps})
+    assert {"m:calibration", "m/gguf:imatrix", "m/gguf/Q4_K_M:quantize", "m/gptq:quantize"} <= fewer_samples
+    assert not fewer_samples & {"m/gguf:convert", "m/awq:quantize", "m:eval-reference"}

@@ -21,6 +21,7 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]
     type_name: str
+    offset: int = 0  # of its data, from GGUFHeader.data_start
 
     @property
     def n_elements(self) -> int:
@@ -34,6 +35,18 @@ class TensorInfo:
 class GGUFHeader:
     metadata: dict[str, Any]  # arrays appear as ("array", element count)
     tensors: list[TensorInfo]
+    data_start: int = 0  # file offset of the tensor data section
+
+    def tensor_bytes(self, path: Path) -> dict[str, bytes]:
+        """Each tensor's raw (quantized) data, read from `path` (tests compare files with it)."""
+        ordered = sorted(self.tensors, key=lambda t: t.offset)
+        out = {}
+        with open(path, "rb") as f:
+            for i, t in enumerate(ordered):
+                f.seek(self.data_start + t.offset)
+                end = ordered[i + 1].offset if i + 1 < len(ordered) else None
+                out[t.name] = f.read(end - t.offset) if end is not None else f.read()
+        return out
 
 
 def _read(f: BinaryIO, fmt: str) -> Any:
@@ -85,10 +98,12 @@ def read_header(path: Path) -> GGUFHeader:
             n_dims = _read(f, "<I")
             shape = tuple(_read(f, "<Q") for _ in range(n_dims))
             ttype = _read(f, "<I")
-            _read(f, "<Q")  # data offset
+            offset = _read(f, "<Q")
             try:
                 type_name = GGMLQuantizationType(ttype).name
             except ValueError:
                 type_name = f"type{ttype}"
-            tensors.append(TensorInfo(name, shape, type_name))
-    return GGUFHeader(metadata, tensors)
+            tensors.append(TensorInfo(name, shape, type_name, offset))
+        alignment = int(metadata.get("general.alignment", 32))
+        data_start = -(-f.tell() // alignment) * alignment
+    return GGUFHeader(metadata, tensors, data_start)

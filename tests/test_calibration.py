@@ -1,0 +1,179 @@
+"""GPTQ and AWQ through GPTQModel, and the importance matrix for GGUF, on tiny Llama and Qwen2 models (CPU)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantforge.errors import IncompatibleShapes
+from quantforge.toolchains.gguf_header import read_header
+from quantforge.toolchains.gptqmodel import check_shapes
+from quantforge.toolchains.worker import _report_latest
+
+FAMILIES = ("llama", "qwen2")
+
+
+def quantforge(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "quantforge.cli", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def calibrated_build(tmp_path_factory, tiny_models):
+    """One build: GPTQ and AWQ for both families, and Q4_K_M of the tiny Llama with and without an imatrix."""
+    root = tmp_path_factory.mktemp("calibrated")
+    sources = {f: tiny_models(f, hidden=128) for f in FAMILIES}
+    models = "".join(f"  - {{name: tiny-{f}, source: {sources[f]}, formats: {{gptq: {{group_size: 32}}, "
+                     f"awq: {{group_size: 32}}}}}}\n" for f in FAMILIES)
+    models += (f"  - {{name: imatrix, source: {sources['llama']}, formats: {{gguf: {{types: [Q4_K_M], "
+               "imatrix: true}}}}\n"
+               f"  - {{name: plain, source: {sources['llama']}, formats: {{gguf: {{types: [Q4_K_M]}}}}}}\n")
+    # random weights: near-uniform predictions, so only the mechanics are measured, with loose gates
+    (root / "targets.yaml").write_text(
+        "defaults:\n  publish: {to: 'dir:./out', namespace: t}\n  calibration: {samples: 8, seq_len: 64}\n"
+        "  evaluation: {ctx: 64, chunks: 4, max_ppl_increase: {gguf: 0.5, gptq: 0.5, awq: 0.5}}\n"
+        f"models:\n{models}")
+    proc = quantforge("build", str(root / "targets.yaml"), "--work-dir", str(root / "work"), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = {s["label"]: s for s in json.loads(proc.stdout)["steps"]}
+    return root, steps, sources
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_checkpoint_is_written_in_the_classic_layout_and_loads_in_transformers(calibrated_build, family, method):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, steps, sources = calibrated_build
+    repo = root / "out" / "t" / f"tiny-{family}-{method.upper()}"
+    config = json.loads((repo / "config.json").read_text())["quantization_config"]
+    saved = json.loads((repo / "quantize_config.json").read_text())
+    assert (config["bits"], config["group_size"], config["desc_act"]) == (4, 32, False)
+    assert (saved["bits"], saved["group_size"]) == (4, 32)
+    if method == "gptq":
+        assert (config["quant_method"], config["checkpoint_format"], config["sym"]) == ("gptq", "gptq", True)
+        assert (saved["quant_method"], saved["checkpoint_format"], saved["sym"]) == ("gptq", "gptq", True)
+    else:
+        assert (config["quant_method"], config["version"], config["zero_point"]) == ("awq", "gemm", True)
+    assert "offload_to_disk_path" not in (repo / "config.json").read_text()  # no local paths published
+    with safe_open(repo / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+        assert {f.get_slice(n).get_dtype() for n in names if n.endswith(".scales")} == {"F16"}
+        g_idx = [f.get_tensor(n) for n in names if n.endswith(".g_idx")]
+    if method == "gptq":  # desc_act false: groups in column order, as every GPTQ runtime expects
+        assert g_idx and all(torch.equal(g, torch.arange(len(g)) // 32) for g in g_idx)
+    # the tokenizer and generation config are the source's, byte for byte
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (repo / name).read_bytes() == (sources[family] / name).read_bytes(), name
+
+    verify = steps[f"tiny-{family}/{method}:verify"]["data"]
+    assert 1 <= len(verify["generated_ids"]) <= 8
+    assert verify["kernels"] == (["TorchAtenLinear"] if method == "gptq" else ["TorchAtenAwqLinear"])
+    evaluation = steps[f"tiny-{family}/{method}:gate"]["data"]
+    assert evaluation["tokens_scored"] == 4 * 31 and evaluation["tokenizer"]["same"]
+    assert evaluation["gate"]["passed"] and evaluation["sample"] == verify["generated_text"]
+
+    # and independently of quantforge's worker: transformers loads the published folder and generates
+    model = AutoModelForCausalLM.from_pretrained(repo)
+    assert any(hasattr(m, "qweight") for m in model.modules())
+    tokenizer = AutoTokenizer.from_pretrained(repo)
+    out = model.generate(**tokenizer("The capital of France is", return_tensors="pt"), max_new_tokens=4,
+                         do_sample=False)
+    assert out.shape[1] > tokenizer("The capital of France is", return_tensors="pt").input_ids.shape[1]
+
+    card = (repo / "README.md").read_text()
+    assert "library_name: transformers" in card and f"- {method}" in card
+    assert f"--quantize {method}" in card and "samples of 64 tokens" in card
+    manifest = json.loads((repo / "quantforge.json").read_text())
+    assert manifest["artifacts"][method]["artifact"]["calibration"]["samples"] == 8
+
+
+@pytest.mark.slow
+def test_imatrix_is_computed_once_mapped_to_every_tensor_and_changes_the_quantization(calibrated_build):
+    root, steps, sources = calibrated_build
+    imatrix_step = steps["imatrix/gguf:imatrix"]
+    layers = json.loads((sources["llama"] / "config.json").read_text())["num_hidden_layers"]
+    assert imatrix_step["data"]["entries"] == 7 * layers  # q, k, v, o, gate, up, down per layer; not the head
+    assert imatrix_step["data"]["tokens"] == 8 * 64
+    with np.load(Path(imatrix_step["output_dir"]) / "imatrix.npz") as matrix:
+        q = matrix["model.layers.0.self_attn.q_proj"]
+        down = matrix["model.layers.0.mlp.down_proj"]
+        assert q.shape == (128,) and down.shape == (256,) and (q > 0).all() and np.isfinite(down).all()
+
+    with_matrix = steps["imatrix/gguf/Q4_K_M:quantize"]["data"]
+    without = steps["plain/gguf/Q4_K_M:quantize"]["data"]
+    assert with_matrix["imatrix"] == {"tensors": 7 * layers, "unmapped": []}
+    assert without["imatrix"] is None
+    log = Path(steps["imatrix/gguf/Q4_K_M:quantize"]["log"]).read_text()
+    assert f"have importance matrix data with {7 * layers} entries" in log
+    # same types, different quantized weights where the matrix applies; the embeddings (no entry) are identical
+    assert with_matrix["tensor_types"] == without["tensor_types"]
+    files = [root / "out" / "t" / f"{m}-GGUF" / f"{m}-Q4_K_M.gguf" for m in ("imatrix", "plain")]
+    a, b = (read_header(f).tensor_bytes(f) for f in files)
+    assert a["blk.0.attn_q.weight"] != b["blk.0.attn_q.weight"]
+    assert a["blk.1.ffn_down.weight"] != b["blk.1.ffn_down.weight"]
+    assert a["token_embd.weight"] == b["token_embd.weight"]
+    # the two models share the source, calibration and conversion by key: those ran once
+    assert steps["plain/gguf:convert"]["status"] == "reused"
+
+
+@pytest.mark.slow
+def test_bad_group_size_fails_that_target_with_the_layer_and_the_sizes_that_work(tmp_path, tiny_models):
+    source = tiny_models("llama")  # hidden 64: k/v projections have 32 outputs
+    (tmp_path / "t.yaml").write_text(
+        "defaults:\n  publish: {to: 'dir:./out'}\n  calibration: {samples: 2, seq_len: 32}\n"
+        "  evaluation: {ctx: 64, chunks: 2}\n"
+        f"models:\n  - {{name: m, source: {source}, formats: {{gptq: {{group_size: 48}}, awq: {{group_size: 32}}}}}}\n")
+    proc = quantforge("build", str(tmp_path / "t.yaml"), "--work-dir", str(tmp_path / "work"), "--json",
+                      "--keep-going")
+    assert proc.returncode == 1
+    steps = {s["label"]: s for s in json.loads(proc.stdout)["steps"]}
+    gptq = steps["m/gptq:quantize"]
+    assert gptq["status"] == "failed"
+    assert re.fullmatch(r"group_size 48 does not divide the input size 64 of model\.layers\.0\.self_attn\.q_proj"
+                        r" and \d+ more layers", gptq["error"])
+    assert gptq["hint"] == "group sizes that divide every layer: 16, 32, 64, -1"
+    awq = steps["m/awq:quantize"]
+    assert awq["status"] == "failed" and "multiples of 64; model.layers.0.self_attn.k_proj has 32" in awq["error"]
+    assert not (tmp_path / "out").exists()
+    assert "group_size 48" in proc.stderr and "hint: group sizes" in proc.stderr
+
+
+def test_shape_check_accepts_what_divides():
+    layers = {"a": (576, 192), "b": (1536, 576)}  # SmolLM2's shapes: 576 = 9 x 64
+    check_shapes("gptq", 64, layers)
+    check_shapes("gptq", -1, layers)
+    check_shapes("awq", 64, layers)
+    with pytest.raises(IncompatibleShapes, match=r"input size 576 of a$") as err:
+        check_shapes("gptq", 128, layers)
+    assert err.value.hint == "group sizes that divide every layer: 16, 32, 64, -1"
+    with pytest.raises(IncompatibleShapes) as err:
+        check_shapes("awq", 128, layers)
+    assert err.value.hint == "group sizes that divide every layer: 16, 32, 64"  # AWQ has no -1
+    with pytest.raises(IncompatibleShapes, match="b has 96"):
+        check_shapes("awq", 32, {"b": (1536, 96)})
+
+
+def test_progress_comes_from_the_newest_matching_line(tmp_path):
+    from quantforge.toolchains.gptqmodel import _LAYER
+    from quantforge.toolchains.worker import _OWN_PROGRESS
+
+    watched = [(_OWN_PROGRESS, lambda m: m["text"]), (_LAYER, lambda m: f"layer {int(m[1]) + 1}/{int(m[2]) + 1}")]
+    log = tmp_path / "step.log"
+    log.write_text("noise\nQuantizing layer 2 of 29 [bar]\rQuantizing layer 3 of 29\nquantforge-progress: window 1/8\n"
+                   "Quantizing layer 4 of 2")  # the last line is still being written
+    seen: list[str] = []
+    offset = _report_latest(log, 0, watched, seen.append)
+    assert seen == ["window 1/8"] and offset == len(log.read_bytes()) - len("Quantizing layer 4 of 2")
+    with open(log, "a") as f:
+        f.write("9\n")
+    assert _report_latest(log, offset, watched, seen.append) == len(log.read_bytes())
+    assert seen == ["window 1/8", "layer 5/30"]
