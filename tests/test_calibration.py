@@ -31,7 +31,7 @@ def calibrated_build(tmp_path_factory, tiny_models):
     models = "".join(f"  - {{name: tiny-{f}, source: {sources[f]}, formats: {{gptq: {{group_size: 32}}, "
                      f"awq: {{group_size: 32}}}}}}\n" for f in FAMILIES)
     models += (f"  - {{name: imatrix, source: {sources['llama']}, formats: {{gguf: {{types: [Q4_K_M], "
-               "imatrix: true}}}}\n"
+               "imatrix: true}}}\n"
                f"  - {{name: plain, source: {sources['llama']}, formats: {{gguf: {{types: [Q4_K_M]}}}}}}\n")
     # random weights: near-uniform predictions, so only the mechanics are measured, with loose gates
     (root / "targets.yaml").write_text(
