@@ -14,7 +14,7 @@ import typer
 from .errors import ConfigError, QuantforgeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Declarative quantization builds: targets.yaml in, verified GGUF files out.")
+                  help="Declarative quantization builds: targets.yaml in, verified GGUF, GPTQ and AWQ repos out.")
 
 TargetsArg = Annotated[Path, typer.Argument(help="The targets file (targets.yaml).", show_default=False)]
 WorkDirOpt = Annotated[Path, typer.Option("--work-dir", help="Where step outputs, logs and reports live.")]

@@ -12,7 +12,8 @@ from . import __version__
 from .errors import ToolchainError
 from .toolchains import llamacpp
 
-_PACKAGES = ("llama-cpp-python", "torch", "transformers", "huggingface_hub", "gguf", "safetensors", "sentencepiece")
+_PACKAGES = ("llama-cpp-python", "torch", "transformers", "gptqmodel", "optimum", "huggingface_hub", "gguf",
+             "safetensors", "sentencepiece")
 
 
 def collect(llama_cpp_dir: str | None = None) -> dict[str, Any]:
@@ -40,7 +41,8 @@ def collect(llama_cpp_dir: str | None = None) -> dict[str, Any]:
     try:
         import torch
 
-        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)"
+        info["gpu"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                       else "none (CPU only: calibration works, slowly; GPTQ/AWQ of a 7B model take hours)")
     except ImportError:
         info["gpu"] = "unknown (torch missing)"
     info["problems"] = "; ".join(problems) or "none"

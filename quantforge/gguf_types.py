@@ -1,7 +1,7 @@
 """The llama.cpp quantization types quantforge offers, shared by the schema, the CLI and the docs.
 
-Each name maps to libllama's `llama_ftype` enum member. Types that llama.cpp refuses to make without an
-importance matrix (IQ1/IQ2/IQ3_XXS) are left out until imatrix support lands.
+Each name maps to libllama's `llama_ftype` enum member. The types llama.cpp refuses to make without an
+importance matrix (IQ1/IQ2/IQ3_XXS) are not offered yet, although `imatrix: true` now provides one.
 """
 
 from __future__ import annotations
