@@ -162,7 +162,8 @@ def plan_adhoc(artifact: Path, source: str, revision: str, settings: EvaluationS
     from .sources import source_step
 
     if not artifact.is_file() or artifact.suffix != ".gguf":
-        raise BadInputError(f"{artifact}: expected a .gguf file (GPTQ and AWQ checkpoints are measured by quantforge build)")
+        raise BadInputError(f"{artifact}: expected a .gguf file (GPTQ and AWQ checkpoints are measured by "
+                            "quantforge build)")
     targets = Targets(path=Path.cwd() / "<quantforge eval>", models=())
     model = ModelTarget(name="eval", source=source, revision=revision, formats=Formats(gguf=GGUFTarget()),
                         evaluation=settings)
