@@ -113,5 +113,7 @@ def run_imatrix(step: Step, ctx: StepContext) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     matrix = {name: (sums[name] / counts[name]).cpu().numpy().astype(np.float32) for name in sorted(sums)}
     np.savez(ctx.out_dir / IMATRIX_FILE, **matrix)
-    return {"entries": len(matrix), "tokens": int(windows.size), "device": device, "dtype": dtype_name,
+    calibration = {k: ctx.inputs["calibration"].manifest["params"][k] for k in ("dataset", "samples", "seq_len")}
+    return {"entries": len(matrix), "tokens": int(windows.size), "calibration": calibration,
+            "device": device, "dtype": dtype_name,
             "seconds": round(seconds, 2), "tokens_per_second": round(windows.size / seconds, 1)}

@@ -205,7 +205,8 @@ def _run_step(step: Step, reasons: list[str], work: WorkDir, options: BuildOptio
     result = StepResult(step.label, step.kind, step.key, "built", reasons=reasons, log=str(log_path))
     try:
         with work.staging(step.kind, step.key) as staged:
-            ctx = StepContext(step, staged, log_path, inputs, options, progress)
+            ctx = StepContext(step, staged, log_path, inputs, options,
+                              lambda text: progress(f"{text} (log: {log_path})"))
             data = runner_for(step.kind)(step, ctx)
             files = {p.relative_to(staged).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                      for p in sorted(staged.rglob("*")) if p.is_file() and p.name != MANIFEST}

@@ -110,7 +110,8 @@ def test_imatrix_is_computed_once_mapped_to_every_tensor_and_changes_the_quantiz
 
     with_matrix = steps["imatrix/gguf/Q4_K_M:quantize"]["data"]
     without = steps["plain/gguf/Q4_K_M:quantize"]["data"]
-    assert with_matrix["imatrix"] == {"tensors": 7 * layers, "unmapped": []}
+    assert with_matrix["imatrix"] == {"tensors": 7 * layers, "unmapped": [],
+                                      "calibration": {"dataset": "builtin", "samples": 8, "seq_len": 64}}
     assert without["imatrix"] is None
     log = Path(steps["imatrix/gguf/Q4_K_M:quantize"]["log"]).read_text()
     assert f"have importance matrix data with {7 * layers} entries" in log
@@ -121,6 +122,10 @@ def test_imatrix_is_computed_once_mapped_to_every_tensor_and_changes_the_quantiz
     assert a["blk.0.attn_q.weight"] != b["blk.0.attn_q.weight"]
     assert a["blk.1.ffn_down.weight"] != b["blk.1.ffn_down.weight"]
     assert a["token_embd.weight"] == b["token_embd.weight"]
+    cards = [(root / "out" / "t" / f"{m}-GGUF" / "README.md").read_text() for m in ("imatrix", "plain")]
+    assert (f"Importance matrix: every file was quantized with one, covering {7 * layers} weight matrices, "
+            "computed on `builtin`, 8 samples of 64 tokens") in cards[0]
+    assert "Importance matrix" not in cards[1]
     # the two models share the source, calibration and conversion by key: those ran once
     assert steps["plain/gguf:convert"]["status"] == "reused"
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..calibrate import CALIBRATION_FILE
 from ..config import AWQTarget, GPTQTarget, ModelTarget
 from ..evaluate import REFERENCE_FILE, SAMPLE_FILE, WINDOWS_FILE, EvalSteps, gate_step
 from ..plan import PlanContext, Step
@@ -64,8 +65,8 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
     gptqmodel.check_shapes(method, step.params["group_size"], layers)
     out = ctx.out_dir / CHECKPOINT_DIR
     settings = {k: v for k, v in step.params.items() if k != "trust_remote_code"}
-    result = gptqmodel.quantize(method, source_dir, out, ctx.inputs["calibration"].file("calibration.npy"),
-                                settings, ctx.log_path, ctx.out_dir, progress=ctx.progress)
+    result = gptqmodel.quantize(method, source_dir, out, ctx.inputs["calibration"].file(CALIBRATION_FILE),
+                                dict(step.params), ctx.log_path, ctx.out_dir, progress=ctx.progress)
     shutil.rmtree(ctx.out_dir / "offload", ignore_errors=True)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     size = sum((out / f).stat().st_size for f in files)

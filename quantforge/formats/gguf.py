@@ -100,6 +100,8 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
     result = llamacpp.quantize(intermediate, out_file, step.params["type"], ctx.log_path, ctx.options.threads,
                                imatrix=imatrix)
     info = llamacpp.describe_gguf(out_file)
+    if result.get("imatrix"):
+        result["imatrix"]["calibration"] = ctx.inputs["imatrix"].data.get("calibration")
     return {
         "imatrix": result.get("imatrix"),
         "type": step.params["type"],

@@ -58,7 +58,8 @@ def quantize(args: argparse.Namespace) -> dict[str, Any]:
     # fp16 on both devices: the checkpoint's scales and unquantized weights are fp16, which every consumer
     # reads (GPTQModel's AWQ packer refuses fp32); GPTQ's Hessian and solve run in fp32 regardless
     started = time.perf_counter()
-    model = GPTQModel.load(str(args.source), config, dtype=torch.float16, device=device)
+    model = GPTQModel.load(str(args.source), config, dtype=torch.float16, device=device,
+                           trust_remote_code=s.get("trust_remote_code", False))
     load_seconds = time.perf_counter() - started
     started = time.perf_counter()
     model.quantize(calibration, batch_size=1, backend=backend)
