@@ -62,11 +62,38 @@ def chat_template(path: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def _card_data(source_params: dict[str, Any], meta: dict[str, Any], namespace: str, library_name: str,
+               tags: set[str]):
+    """The card's front matter: the source's license and language carried over, and the Hub's
+    quantized-model relation when the source is a Hub repo."""
+    from huggingface_hub import ModelCardData
+
+    is_hub = "commit" in source_params
+    return ModelCardData(
+        base_model=source_params["source"] if is_hub else None,
+        license=meta.get("license"),
+        license_name=meta.get("license_name"),
+        license_link=meta.get("license_link"),
+        language=meta.get("language"),
+        library_name=library_name,
+        pipeline_tag=meta.get("pipeline_tag") or "text-generation",
+        tags=sorted({"quantized", "quantforge", *tags}),
+        quantized_by=namespace,
+        **({"base_model_relation": "quantized"} if is_hub else {}),
+    )
+
+
+def _eval_desc(tokens: StepOutput | None) -> str:
+    tok = tokens.manifest["params"] if tokens else {}
+    return (f"`{tok.get('dataset')}`, {tok.get('chunks')} windows of {tok.get('ctx')} tokens, second half of each "
+            "scored" if tok else "not measured")
+
+
 def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOutput,
                      artifacts: dict[str, tuple[StepOutput, StepOutput]], tokens: StepOutput | None,
                      shards: dict[str, list[str]] | None = None) -> str:
     """artifacts: type -> (quantize output, gate output); shards: type -> split file names, when split."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     params = source.manifest["params"]
     source_dir = Path(source.data["path"])
@@ -95,25 +122,12 @@ def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOu
             "memory": _size(int(q["size"] * 1.15 + 0.5e9)),
         })
     first_gate = next(iter(artifacts.values()))[1].data
-    tok = tokens.manifest["params"] if tokens else {}
-    eval_desc = (f"`{tok.get('dataset')}`, {tok.get('chunks')} windows of {tok.get('ctx')} tokens, second half "
-                 "of each scored" if tok else "not measured")
+    eval_desc = _eval_desc(tokens)
     types = [r["type"] for r in rows]
     default_type = next((t for t in ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0") if t in types), types[0])
     first_quant = next(iter(artifacts.values()))[0]
     arch = first_quant.data.get("architecture")
-    data = ModelCardData(
-        base_model=params["source"] if is_hub else None,
-        license=meta.get("license"),
-        license_name=meta.get("license_name"),
-        license_link=meta.get("license_link"),
-        language=meta.get("language"),
-        library_name="gguf",
-        pipeline_tag=meta.get("pipeline_tag") or "text-generation",
-        tags=sorted({"gguf", "llama.cpp", "quantized", "quantforge", *([arch] if arch else [])}),
-        quantized_by=namespace,
-        **({"base_model_relation": "quantized"} if is_hub else {}),
-    )
+    data = _card_data(params, meta, namespace, "gguf", {"gguf", "llama.cpp", *([arch] if arch else [])})
     card = ModelCard.from_template(
         data, template_str=card_template("gguf"),
         repo_id=repo_id, model=model, source=params["source"],
@@ -150,7 +164,7 @@ def render_checkpoint_card(*, repo_id: str, model: str, namespace: str, source: 
                            artifacts: dict[str, tuple[StepOutput, StepOutput]], tokens: StepOutput | None,
                            fmt: str) -> str:
     """The card of a GPTQ or AWQ repo: one checkpoint, its settings, its measurements, and how to load it."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     params = source.manifest["params"]
     source_dir = Path(source.data["path"])
@@ -164,19 +178,8 @@ def render_checkpoint_card(*, repo_id: str, model: str, namespace: str, source: 
         settings += [f"desc_act {str(q['desc_act']).lower()}", f"sym {str(q['sym']).lower()}", f"damp {q['damp']}"]
     else:
         settings += [f"zero point {str(q['zero_point']).lower()}", "GEMM"]
-    tok = tokens.manifest["params"] if tokens else {}
-    data = ModelCardData(
-        base_model=params["source"] if is_hub else None,
-        license=meta.get("license"),
-        license_name=meta.get("license_name"),
-        license_link=meta.get("license_link"),
-        language=meta.get("language"),
-        library_name="transformers",
-        pipeline_tag=meta.get("pipeline_tag") or "text-generation",
-        tags=sorted({fmt, f"{q['bits']}-bit", "quantized", "quantforge", "gptqmodel", *([arch] if arch else [])}),
-        quantized_by=namespace,
-        **({"base_model_relation": "quantized"} if is_hub else {}),
-    )
+    data = _card_data(params, meta, namespace, "transformers",
+                      {fmt, f"{q['bits']}-bit", "gptqmodel", *([arch] if arch else [])})
     card = ModelCard.from_template(
         data, template_str=card_template(fmt),
         repo_id=repo_id, model=model, fmt=fmt, FMT=fmt.upper(), source=params["source"],
@@ -188,8 +191,7 @@ def render_checkpoint_card(*, repo_id: str, model: str, namespace: str, source: 
         source_ppl=f"{g['source_ppl']:.3f}" if "source_ppl" in g else "-",
         delta_ppl=_pct(g.get("delta_ppl")), kld=f"{g['kld_mean']:.4f}" if "kld_mean" in g else "-",
         top1=_pct(g.get("top1"), signed=False), tokens_scored=g.get("tokens_scored", 0),
-        eval_desc=(f"`{tok.get('dataset')}`, {tok.get('chunks')} windows of {tok.get('ctx')} tokens, second half "
-                   "of each scored" if tok else "not measured"),
+        eval_desc=_eval_desc(tokens),
         calibration=_calibration_desc(q.get("calibration")), device=q.get("device", "?"),
         quantize_minutes=f"{q.get('quantize_seconds', 0) / 60:.1f}",
         gptqmodel=quant.manifest["tools"].get("gptqmodel", "?"), quantforge_version=__version__,
