@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import BadInputError, ConfigError, ConfigIssue
-from .gguf_types import GGUF_TYPES, INTERMEDIATE_TYPES
+from .gguf_types import GGUF_TYPES, INTERMEDIATE_TYPES, NEEDS_IMATRIX
 
 FORMAT_NAMES = ("gguf", "gptq", "awq")
 
@@ -53,6 +53,14 @@ class GGUFTarget(_Strict):
         if dupes:
             raise ValueError(f"listed more than once: {', '.join(dupes)}")
         return value
+
+    @model_validator(mode="after")
+    def _imatrix_for_lowest_bits(self) -> GGUFTarget:
+        needs = [t for t in self.types if t in NEEDS_IMATRIX]
+        if needs and not self.imatrix:
+            raise ValueError(f"{', '.join(needs)} need{'s' if len(needs) == 1 else ''} an importance matrix: "
+                             "add imatrix: true")
+        return self
 
 
 class _CalibratedTarget(_Strict):

@@ -1,7 +1,7 @@
 """The llama.cpp quantization types quantforge offers, shared by the schema, the CLI and the docs.
 
-Each name maps to libllama's `llama_ftype` enum member. The types llama.cpp refuses to make without an
-importance matrix (IQ1/IQ2/IQ3_XXS) are not offered yet, although `imatrix: true` now provides one.
+Each name maps to libllama's `llama_ftype` enum member. The lowest-bit i-quants need an importance matrix
+(`imatrix: true`): llama.cpp refuses to make them without one.
 """
 
 from __future__ import annotations
@@ -27,7 +27,20 @@ GGUF_TYPES: dict[str, str] = {
     "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
     "Q3_K_S": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
     "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
+    "IQ3_M": "LLAMA_FTYPE_MOSTLY_IQ3_M",
+    "IQ3_S": "LLAMA_FTYPE_MOSTLY_IQ3_S",
+    "IQ3_XS": "LLAMA_FTYPE_MOSTLY_IQ3_XS",
+    "IQ3_XXS": "LLAMA_FTYPE_MOSTLY_IQ3_XXS",
+    "IQ2_M": "LLAMA_FTYPE_MOSTLY_IQ2_M",
+    "IQ2_S": "LLAMA_FTYPE_MOSTLY_IQ2_S",
+    "IQ2_XS": "LLAMA_FTYPE_MOSTLY_IQ2_XS",
+    "IQ2_XXS": "LLAMA_FTYPE_MOSTLY_IQ2_XXS",
+    "IQ1_M": "LLAMA_FTYPE_MOSTLY_IQ1_M",
+    "IQ1_S": "LLAMA_FTYPE_MOSTLY_IQ1_S",
 }
+
+# llama.cpp's quantize refuses these without an importance matrix (tools/quantize/quantize.cpp)
+NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
 
 # What the converter may write as the full-precision intermediate that every type is quantized from.
 # "auto" lets the converter pick the highest-fidelity 16-bit type for the source's dtype.
@@ -42,4 +55,6 @@ DEFAULT_MAX_PPL_INCREASE: dict[str, float] = {
     "Q5_K_M": 0.08, "Q5_K_S": 0.08, "Q5_1": 0.08, "Q5_0": 0.08,
     "Q4_K_M": 0.15, "Q4_K_S": 0.15, "Q4_1": 0.25, "Q4_0": 0.25, "IQ4_NL": 0.15, "IQ4_XS": 0.15,
     "Q3_K_L": 0.35, "Q3_K_M": 0.40, "Q3_K_S": 0.50, "Q2_K": 1.0,
+    "IQ3_M": 0.35, "IQ3_S": 0.40, "IQ3_XS": 0.45, "IQ3_XXS": 0.50,
+    "IQ2_M": 0.80, "IQ2_S": 1.0, "IQ2_XS": 1.2, "IQ2_XXS": 1.5, "IQ1_M": 2.5, "IQ1_S": 3.0,
 }

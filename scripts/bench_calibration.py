@@ -74,6 +74,9 @@ def main() -> int:
         sys.exit(f"quantforge build failed:\n{proc.stderr[-3000:]}")
     report = json.loads(proc.stdout)
     steps = {s["label"]: s for s in report["steps"]}
+    for step in steps.values():  # a reused step reports 0 s: show how long it took when it was built
+        if step["status"] == "reused":
+            step["seconds"] = json.loads((Path(step["output_dir"]) / "manifest.json").read_text())["seconds"]
 
     print(f"device: {'cuda (' + torch.cuda.get_device_name() + ')' if gpu else 'cpu'}; build wall time "
           f"{wall:.0f} s; calibration {args.samples}x{args.seq_len} (imatrix), "

@@ -28,15 +28,18 @@ def calibrated_build(tmp_path_factory, tiny_models):
     """One build: GPTQ and AWQ for both families, and Q4_K_M of the tiny Llama with and without an imatrix."""
     root = tmp_path_factory.mktemp("calibrated")
     sources = {f: tiny_models(f, hidden=128) for f in FAMILIES}
+    # 256-wide rows fit K-quant and i-quant blocks: the imatrix acts on real Q4_K and IQ2_XXS, not on fallbacks
+    sources["llama-256"] = tiny_models("llama", hidden=256)
     models = "".join(f"  - {{name: tiny-{f}, source: {sources[f]}, formats: {{gptq: {{group_size: 32}}, "
                      f"awq: {{group_size: 32}}}}}}\n" for f in FAMILIES)
-    models += (f"  - {{name: imatrix, source: {sources['llama']}, formats: {{gguf: {{types: [Q4_K_M], "
-               "imatrix: true}}}\n"
-               f"  - {{name: plain, source: {sources['llama']}, formats: {{gguf: {{types: [Q4_K_M]}}}}}}\n")
+    models += (f"  - {{name: imatrix, source: {sources['llama-256']}, formats: {{gguf: {{types: [Q4_K_M, "
+               "IQ2_XXS], imatrix: true}}}\n"
+               f"  - {{name: plain, source: {sources['llama-256']}, formats: {{gguf: {{types: [Q4_K_M]}}}}}}\n")
     # random weights: near-uniform predictions, so only the mechanics are measured, with loose gates
     (root / "targets.yaml").write_text(
         "defaults:\n  publish: {to: 'dir:./out', namespace: t}\n  calibration: {samples: 8, seq_len: 64}\n"
-        "  evaluation: {ctx: 64, chunks: 4, max_ppl_increase: {gguf: 0.5, gptq: 0.5, awq: 0.5}}\n"
+        "  evaluation: {ctx: 64, chunks: 4,\n"
+        "               max_ppl_increase: {gguf: 0.5, gguf/IQ2_XXS: 5, gptq: 0.5, awq: 0.5}}\n"
         f"models:\n{models}")
     proc = quantforge("build", str(root / "targets.yaml"), "--work-dir", str(root / "work"), "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -100,13 +103,13 @@ def test_checkpoint_is_written_in_the_classic_layout_and_loads_in_transformers(c
 def test_imatrix_is_computed_once_mapped_to_every_tensor_and_changes_the_quantization(calibrated_build):
     root, steps, sources = calibrated_build
     imatrix_step = steps["imatrix/gguf:imatrix"]
-    layers = json.loads((sources["llama"] / "config.json").read_text())["num_hidden_layers"]
+    layers = json.loads((sources["llama-256"] / "config.json").read_text())["num_hidden_layers"]
     assert imatrix_step["data"]["entries"] == 7 * layers  # q, k, v, o, gate, up, down per layer; not the head
     assert imatrix_step["data"]["tokens"] == 8 * 64
     with np.load(Path(imatrix_step["output_dir"]) / "imatrix.npz") as matrix:
         q = matrix["model.layers.0.self_attn.q_proj"]
         down = matrix["model.layers.0.mlp.down_proj"]
-        assert q.shape == (128,) and down.shape == (256,) and (q > 0).all() and np.isfinite(down).all()
+        assert q.shape == (256,) and down.shape == (512,) and (q > 0).all() and np.isfinite(down).all()
 
     with_matrix = steps["imatrix/gguf/Q4_K_M:quantize"]["data"]
     without = steps["plain/gguf/Q4_K_M:quantize"]["data"]
@@ -126,6 +129,10 @@ def test_imatrix_is_computed_once_mapped_to_every_tensor_and_changes_the_quantiz
     assert (f"Importance matrix: every file was quantized with one, covering {7 * layers} weight matrices, "
             "computed on `builtin`, 8 samples of 64 tokens") in cards[0]
     assert "Importance matrix" not in cards[1]
+    # a type llama.cpp refuses to make without a matrix: made with it, as IQ2_XXS proper (rows of 256)
+    iq2 = steps["imatrix/gguf/IQ2_XXS:quantize"]["data"]
+    assert iq2["tensor_types"]["blk.0.attn_q.weight"] == "IQ2_XXS" and iq2["imatrix"]["tensors"] == 7 * layers
+    assert with_matrix["tensor_types"]["blk.0.attn_q.weight"] == "Q4_K" and not with_matrix["fallbacks"]
     # the two models share the source, calibration and conversion by key: those ran once
     assert steps["plain/gguf:convert"]["status"] == "reused"
 

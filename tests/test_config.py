@@ -125,3 +125,13 @@ def test_calibration_defaults_and_overrides(write_targets):
     assert model.formats.gptq.seq_len == 128 and model.formats.gptq.samples is None
     assert (model.formats.gptq.bits, model.formats.gptq.group_size, model.formats.gptq.desc_act) == (4, 128, False)
     assert (model.formats.awq.zero_point, model.formats.awq.bits) == (True, 4)
+
+
+def test_lowest_bit_iquants_need_an_importance_matrix(write_targets):
+    path = write_targets("models:\n  - name: m\n    source: org/m\n    formats:\n"
+                         "      gguf: {types: [Q4_K_M, iq2_xxs]}\n")
+    with pytest.raises(ConfigError) as err:
+        load_targets(path)
+    assert str(err.value) == f"{path}:5: models[0].formats.gguf: IQ2_XXS needs an importance matrix: add imatrix: true"
+    path.write_text(path.read_text().replace("iq2_xxs]", "iq2_xxs], imatrix: true"))
+    assert load_targets(path).models[0].formats.gguf.types == ["Q4_K_M", "IQ2_XXS"]
