@@ -140,17 +140,19 @@ def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOu
         default_type=default_type, chat_template=chat_template(source_dir),
         converter=first_quant.data.get("converter", "llama.cpp's convert_hf_to_gguf.py"),
         libllama=first_quant.manifest["tools"].get("libllama", "?"), quantforge_version=__version__,
-        imatrix=_imatrix_desc(first_quant.data.get("imatrix")),
+        imatrix=_imatrix_desc({t: q.data["imatrix"] for t, (q, _) in artifacts.items() if q.data.get("imatrix")}),
         build_date=time.strftime("%Y-%m-%d", time.gmtime()), source_card=text,
     )
     return str(card)
 
 
-def _imatrix_desc(imatrix: dict[str, Any] | None) -> str | None:
-    if not imatrix:
+def _imatrix_desc(by_type: dict[str, dict[str, Any]]) -> str | None:
+    """type -> the imatrix record of its quantize step; None when no file used one."""
+    if not by_type:
         return None
-    return (f"every file was quantized with one, covering {imatrix['tensors']} weight matrices, computed on "
-            + _calibration_desc(imatrix.get("calibration")))
+    first = next(iter(by_type.values()))
+    return (f"{', '.join(by_type)} {'was' if len(by_type) == 1 else 'were'} quantized with one, covering "
+            f"{first['tensors']} weight matrices, computed on {_calibration_desc(first.get('calibration'))}")
 
 
 def _calibration_desc(calibration: dict[str, Any] | None) -> str:

@@ -39,6 +39,8 @@ GGUF_TYPES: dict[str, str] = {
     "IQ1_S": "LLAMA_FTYPE_MOSTLY_IQ1_S",
 }
 
+# types whose quantization takes no importance matrix: they get none, so their cache keys do not depend on it
+IMATRIX_UNUSED = ("F32", "F16", "BF16", "Q8_0")
 # llama.cpp's quantize refuses these without an importance matrix (tools/quantize/quantize.cpp)
 NEEDS_IMATRIX = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M")
 

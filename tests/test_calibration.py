@@ -126,7 +126,7 @@ def test_imatrix_is_computed_once_mapped_to_every_tensor_and_changes_the_quantiz
     assert a["blk.1.ffn_down.weight"] != b["blk.1.ffn_down.weight"]
     assert a["token_embd.weight"] == b["token_embd.weight"]
     cards = [(root / "out" / "t" / f"{m}-GGUF" / "README.md").read_text() for m in ("imatrix", "plain")]
-    assert (f"Importance matrix: every file was quantized with one, covering {7 * layers} weight matrices, "
+    assert (f"Importance matrix: Q4_K_M, IQ2_XXS were quantized with one, covering {7 * layers} weight matrices, "
             "computed on `builtin`, 8 samples of 64 tokens") in cards[0]
     assert "Importance matrix" not in cards[1]
     # a type llama.cpp refuses to make without a matrix: made with it, as IQ2_XXS proper (rows of 256)

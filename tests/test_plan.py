@@ -248,7 +248,7 @@ def calibrated_plan(write_targets, tmp_path, samples=32, types="[Q4_K_M]"):
 
 
 def test_calibration_is_shared_and_the_imatrix_serves_every_type(write_targets, tmp_path):
-    plan = calibrated_plan(write_targets, tmp_path, types="[Q4_K_M, Q5_K_M]")
+    plan = calibrated_plan(write_targets, tmp_path, types="[Q4_K_M, Q5_K_M, Q8_0, F16]")
     steps = {s.label: s for s in plan.steps}
     imatrix = steps["m/gguf:imatrix"]
     # the imatrix and GPTQ ask for the model's calibration text; AWQ asks for its own sample count
@@ -257,6 +257,8 @@ def test_calibration_is_shared_and_the_imatrix_serves_every_type(write_targets, 
     assert steps["m:calibration-16x256"].params["samples"] == 16
     for t in ("Q4_K_M", "Q5_K_M"):
         assert steps[f"m/gguf/{t}:quantize"].inputs["imatrix"] is imatrix
+    for t in ("Q8_0", "F16"):  # llama.cpp's Q8_0 and F16 take no matrix: their keys must not depend on one
+        assert "imatrix" not in steps[f"m/gguf/{t}:quantize"].inputs
     assert [s.label for s in plan.steps].index("m:calibration") < [s.label for s in plan.steps].index(
         "m/gguf:imatrix")
 

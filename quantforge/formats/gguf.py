@@ -19,7 +19,7 @@ from ..calibrate import IMATRIX_FILE, imatrix_step
 from ..config import GGUFTarget, ModelTarget
 from ..errors import VerificationError
 from ..evaluate import REFERENCE_FILE, SAMPLE_FILE, WINDOWS_FILE, EvalSteps, gate_step
-from ..gguf_types import DEFAULT_MAX_PPL_INCREASE
+from ..gguf_types import DEFAULT_MAX_PPL_INCREASE, IMATRIX_UNUSED
 from ..plan import PlanContext, Step
 from ..toolchains import llamacpp
 from . import PlannedFormat
@@ -45,12 +45,14 @@ def plan(model: ModelTarget, target: GGUFTarget, source: Step, evaluation: EvalS
                    params={"outtype": target.intermediate}, inputs={"source": source},
                    tools={"converter": converter}, model=model.name, fmt="gguf")
     out.steps.append(convert)
-    quantize_inputs = {"intermediate": convert}
-    if target.imatrix:
+    imatrix = None
+    if target.imatrix and any(t not in IMATRIX_UNUSED for t in target.types):
         imatrix = imatrix_step(model, source, calibration())
         out.steps.append(imatrix)
-        quantize_inputs["imatrix"] = imatrix
     for gguf_type in target.types:
+        quantize_inputs = {"intermediate": convert}
+        if imatrix is not None and gguf_type not in IMATRIX_UNUSED:
+            quantize_inputs["imatrix"] = imatrix
         quantize = Step(kind="gguf.quantize", label=f"{model.name}/gguf/{gguf_type}:quantize",
                         params={"type": gguf_type, "file": artifact_name(model.name, gguf_type)},
                         inputs=quantize_inputs, tools={"libllama": libllama},
