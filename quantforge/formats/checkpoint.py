@@ -41,9 +41,11 @@ def plan_checkpoint(method: str, settings: dict[str, Any], model: ModelTarget, t
                     params={**settings, "trust_remote_code": model.trust_remote_code},
                     inputs={"source": source, "calibration": calib}, tools=tools, model=model.name, fmt=method)
     verify = Step(kind="checkpoint.verify", label=f"{model.name}/{method}:verify",
-                  params={"prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS}, inputs={"artifact": quantize},
+                  params={"prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS,
+                          "trust_remote_code": model.trust_remote_code}, inputs={"artifact": quantize},
                   tools=tools, model=model.name, fmt=method)
-    evaluate = Step(kind="checkpoint.evaluate", label=f"{model.name}/{method}:evaluate", params={},
+    evaluate = Step(kind="checkpoint.evaluate", label=f"{model.name}/{method}:evaluate",
+                    params={"trust_remote_code": model.trust_remote_code},
                     inputs={"artifact": quantize, "tokens": evaluation.tokens, "reference": evaluation.reference,
                             "source": source}, tools=tools, model=model.name, fmt=method)
     gate = gate_step(f"{model.name}/{method}:gate", method, None, evaluate, verify, evaluation.settings,
@@ -87,7 +89,8 @@ def checkpoint_path(artifact) -> Path:
 
 def run_verify(step: Step, ctx: StepContext) -> dict[str, Any]:
     return gptqmodel.load_and_generate(checkpoint_path(ctx.inputs["artifact"]), step.params["prompt"],
-                                       step.params["tokens"], ctx.log_path, ctx.out_dir)
+                                       step.params["tokens"], ctx.log_path, ctx.out_dir,
+                                       step.params["trust_remote_code"])
 
 
 def run_evaluate(step: Step, ctx: StepContext) -> dict[str, Any]:
@@ -95,7 +98,7 @@ def run_evaluate(step: Step, ctx: StepContext) -> dict[str, Any]:
     tokens = ctx.inputs["tokens"]
     result = gptqmodel.evaluate(checkpoint_path(artifact), tokens.file(WINDOWS_FILE),
                                 ctx.inputs["reference"].file(REFERENCE_FILE), tokens.file(SAMPLE_FILE),
-                                ctx.log_path, ctx.out_dir, progress=ctx.progress)
+                                ctx.log_path, ctx.out_dir, step.params["trust_remote_code"], progress=ctx.progress)
     source_has_template = ctx.inputs["source"].data.get("has_chat_template", False)
     result["chat_template_missing"] = bool(source_has_template and not result["chat_template"])
     return result

@@ -91,19 +91,22 @@ def quantize(method: str, source_dir: Path, out_dir: Path, calibration: Path, se
     return result
 
 
-def load_and_generate(checkpoint: Path, prompt: str, n_tokens: int, log_path: Path, scratch: Path) -> dict[str, Any]:
+def load_and_generate(checkpoint: Path, prompt: str, n_tokens: int, log_path: Path, scratch: Path,
+                      trust_remote_code: bool = False) -> dict[str, Any]:
     """Check by the real consumer: transformers loads the checkpoint (GPTQModel kernels) and generates."""
-    result = run_worker(WORKER, ["generate", str(checkpoint), "--prompt", prompt, "--tokens", str(n_tokens)],
-                        log_path, scratch / "generate.result.json", env=_env())
+    args = ["generate", str(checkpoint), "--prompt", prompt, "--tokens", str(n_tokens)]
+    args += ["--trust-remote-code"] if trust_remote_code else []
+    result = run_worker(WORKER, args, log_path, scratch / "generate.result.json", env=_env())
     if not result.pop("ok", False):
         raise VerificationError(f"transformers could not run {checkpoint.name}: {result.get('error', 'unknown')}")
     return result
 
 
 def evaluate(checkpoint: Path, windows: Path, reference: Path, sample: Path | None, log_path: Path,
-             scratch: Path, progress=None) -> dict[str, Any]:
+             scratch: Path, trust_remote_code: bool = False, progress=None) -> dict[str, Any]:
     """Perplexity, KL divergence and top-1 agreement of the checkpoint in transformers, on the given windows."""
     args = ["evaluate", str(checkpoint), "--windows", str(windows), "--reference", str(reference)]
+    args += ["--trust-remote-code"] if trust_remote_code else []
     if sample is not None:
         args += ["--sample", str(sample)]
     result = run_worker(WORKER, args, log_path, scratch / "evaluate.result.json", progress=progress, env=_env())

@@ -91,11 +91,12 @@ def _tidy_checkpoint(source: Path, out: Path, scratch: Path) -> None:
         shutil.move(out / QUANT_LOG, scratch / QUANT_LOG)
 
 
-def _load(checkpoint: Path):
+def _load(checkpoint: Path, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
 
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), device_map=_device()).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), device_map=_device(),
+                                                 trust_remote_code=trust_remote_code).eval()
     return model, time.perf_counter() - started
 
 
@@ -108,11 +109,11 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    model, load_seconds = _load(args.checkpoint)
+    model, load_seconds = _load(args.checkpoint, args.trust_remote_code)
     kernels = _kernels(model)
     if not kernels:
         return {"ok": False, "error": "transformers loaded no quantized layer (quantization_config ignored?)"}
-    tokenizer = AutoTokenizer.from_pretrained(str(args.checkpoint))
+    tokenizer = AutoTokenizer.from_pretrained(str(args.checkpoint), trust_remote_code=args.trust_remote_code)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(model.device)
     prompt_tokens = int(ids.shape[1])
     generated: list[int] = []
@@ -143,7 +144,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     windows = np.load(args.windows)
     reference = metrics.Reference.load(args.reference)
-    model, _ = _load(args.checkpoint)
+    model, _ = _load(args.checkpoint, args.trust_remote_code)
     comparison = metrics.Comparison([], [], [])
     offset = 0
     started = time.perf_counter()
@@ -159,7 +160,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                               "tokens_per_second": round(windows.size / seconds, 1)}
     if args.sample:
         sample = json.loads(args.sample.read_text())
-        tokenizer = AutoTokenizer.from_pretrained(str(args.checkpoint))
+        tokenizer = AutoTokenizer.from_pretrained(str(args.checkpoint), trust_remote_code=args.trust_remote_code)
         got = tokenizer(sample["text"], add_special_tokens=False)["input_ids"]
         result["tokenizer"] = metrics.tokenizer_parity(sample["ids"], got, lambda t: tokenizer.decode([t]))
     result["chat_template"] = chat_template(args.checkpoint) is not None
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--windows", type=Path, required=True)
     e.add_argument("--reference", type=Path, required=True)
     e.add_argument("--sample", type=Path)
+    for p in (g, e):
+        p.add_argument("--trust-remote-code", action="store_true")
     for p in (q, g, e):
         p.add_argument("--result", type=Path, required=True)
     return serve(parser.parse_args(argv), COMMANDS)
