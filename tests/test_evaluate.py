@@ -109,7 +109,8 @@ def test_gate_limits_most_specific_wins():
 
 
 @pytest.mark.parametrize(("gates", "message"), [({"gguf/Q4_K_MM": 0.1}, "did you mean 'Q4_K_M'"),
-                                                ({"gptq": 0.1}, "unknown format 'gptq'"),
+                                                ({"exl2": 0.1}, "unknown format 'exl2'"),
+                                                ({"gptq/4bit": 0.1}, "gptq makes one checkpoint"),
                                                 ({"gguf": -1}, "must be >= 0")])
 def test_bad_gate_keys_are_rejected(gates, message):
     with pytest.raises(ValueError, match=message):
