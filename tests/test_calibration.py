@@ -67,6 +67,7 @@ def test_checkpoint_is_written_in_the_classic_layout_and_loads_in_transformers(c
     else:
         assert (config["quant_method"], config["version"], config["zero_point"]) == ("awq", "gemm", True)
     assert "offload_to_disk_path" not in (repo / "config.json").read_text()  # no local paths published
+    assert not list(Path.cwd().glob(f"logs/{method}_log_*.log"))  # GPTQModel's own logs stay in the work dir
     with safe_open(repo / "model.safetensors", "pt") as f:
         names = list(f.keys())
         assert {f.get_slice(n).get_dtype() for n in names if n.endswith(".scales")} == {"F16"}

@@ -2,7 +2,8 @@
 
 GPTQModel is the maintained successor of auto-gptq and AutoAWQ (both broken on transformers 5). Its work runs in
 a child process (`gptqmodel_worker`): quantizing a 7B model holds tens of GB, and an out-of-memory kill must fail
-one step, not the build. The checks before it (shapes against the group size) run here, in a second, on a
+one step, not the build. It runs in the step's folder, because GPTQModel writes a logs/ folder of its own
+where it runs. The checks before it (shapes against the group size) run here, in a second, on a
 model instantiated on torch's meta device (no weights are read).
 """
 
@@ -85,7 +86,7 @@ def quantize(method: str, source_dir: Path, out_dir: Path, calibration: Path, se
         return f"layer {int(m[1]) + 1}/{int(m[2]) + 1}"
 
     result = run_worker(WORKER, args, log_path, scratch / "quantize.result.json", progress=progress,
-                        patterns=[(_LAYER, layer)], env=_env())
+                        patterns=[(_LAYER, layer)], env=_env(), cwd=scratch)
     if not result.pop("ok", False):
         raise ToolchainError(f"GPTQModel {method} quantization failed: {result.get('error', 'unknown')}")
     return result
@@ -96,7 +97,7 @@ def load_and_generate(checkpoint: Path, prompt: str, n_tokens: int, log_path: Pa
     """Check by the real consumer: transformers loads the checkpoint (GPTQModel kernels) and generates."""
     args = ["generate", str(checkpoint), "--prompt", prompt, "--tokens", str(n_tokens)]
     args += ["--trust-remote-code"] if trust_remote_code else []
-    result = run_worker(WORKER, args, log_path, scratch / "generate.result.json", env=_env())
+    result = run_worker(WORKER, args, log_path, scratch / "generate.result.json", env=_env(), cwd=scratch)
     if not result.pop("ok", False):
         raise VerificationError(f"transformers could not run {checkpoint.name}: {result.get('error', 'unknown')}")
     return result
@@ -109,7 +110,8 @@ def evaluate(checkpoint: Path, windows: Path, reference: Path, sample: Path | No
     args += ["--trust-remote-code"] if trust_remote_code else []
     if sample is not None:
         args += ["--sample", str(sample)]
-    result = run_worker(WORKER, args, log_path, scratch / "evaluate.result.json", progress=progress, env=_env())
+    result = run_worker(WORKER, args, log_path, scratch / "evaluate.result.json", progress=progress, env=_env(),
+                        cwd=scratch)
     if not result.pop("ok", False):
         raise VerificationError(f"transformers could not evaluate {checkpoint.name}: "
                                 f"{result.get('error', 'unknown')}")

@@ -44,15 +44,16 @@ def serve(args: Any, commands: dict[str, Callable[[Any], dict[str, Any]]]) -> in
 def run_worker(module: str, args: Sequence[str], log_path: Path, result_file: Path, *,
                progress: Callable[[str], None] | None = None,
                patterns: Sequence[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = (),
-               env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run `python -m module *args --result FILE`; return its result (ok false when it wrote none)."""
+               env: dict[str, str] | None = None, cwd: Path | None = None) -> dict[str, Any]:
+    """Run `python -m module *args --result FILE` (in `cwd`: some tools write files where they run); return its
+    result (ok false when it wrote none)."""
     cmd = [sys.executable, "-m", module, *args, "--result", str(result_file)]
     watched = [(_OWN_PROGRESS, lambda m: m["text"]), *patterns]
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         start = log.tell()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         try:
             while True:
                 try:
