@@ -153,27 +153,30 @@ def run_gate(step: Step, ctx: StepContext) -> dict[str, Any]:
 
 def plan_adhoc(artifact: Path, source: str, revision: str, settings: EvaluationSettings,
                context: PlanContext, max_ppl_increase: float | None, max_kld: float | None):
-    """`quantforge eval`: score a GGUF made elsewhere against a source model, through the same steps (and
-    the same cache) as a build."""
+    """`quantforge eval`: score a GGUF file or a GPTQ/AWQ checkpoint folder made elsewhere against a source
+    model, through the same steps (and the same cache) as a build."""
     from .config import Formats, GGUFTarget
     from .errors import BadInputError
-    from .formats.gguf import evaluate_step, external_step
+    from .formats import checkpoint, gguf
     from .plan import Plan, topological
     from .sources import source_step
 
-    if not artifact.is_file() or artifact.suffix != ".gguf":
-        raise BadInputError(f"{artifact}: expected a .gguf file (GPTQ and AWQ checkpoints are measured by "
-                            "quantforge build)")
     targets = Targets(path=Path.cwd() / "<quantforge eval>", models=())
     model = ModelTarget(name="eval", source=source, revision=revision, formats=Formats(gguf=GGUFTarget()),
                         evaluation=settings)
+    if artifact.is_file() and artifact.suffix == ".gguf":
+        fmt, artifact_step = "gguf", gguf.external_step(artifact.resolve(), context)
+    elif artifact.is_dir():
+        artifact_step, fmt = checkpoint.external_step(artifact.resolve(), context)
+    else:
+        raise BadInputError(f"{artifact}: expected a .gguf file or a GPTQ/AWQ checkpoint folder")
     src = source_step(model, targets, context)
     evaluation = plan_evaluation(model, targets, src, context)
-    file_step = external_step(artifact.resolve(), context)
-    evaluate = evaluate_step(f"{artifact.name}:evaluate", file_step, evaluation, src, context)
-    limits = settings.model_copy(update={"max_ppl_increase": {"gguf": max_ppl_increase} if max_ppl_increase
-                                         is not None else {}, "max_kld": {"gguf": max_kld} if max_kld
+    label = f"{artifact.name}:evaluate"
+    evaluate = (gguf.evaluate_step(label, artifact_step, evaluation, src, context) if fmt == "gguf"
+                else checkpoint.evaluate_step(label, artifact_step, evaluation, src, context, fmt))
+    limits = settings.model_copy(update={"max_ppl_increase": {fmt: max_ppl_increase} if max_ppl_increase
+                                         is not None else {}, "max_kld": {fmt: max_kld} if max_kld
                                          is not None else {}})
-    gate = gate_step(f"{artifact.name}:gate", "gguf", None, evaluate, file_step, limits, None, True, "eval")
+    gate = gate_step(f"{artifact.name}:gate", fmt, None, evaluate, artifact_step, limits, None, True, "eval")
     return Plan(targets, topological([gate]))
-

@@ -101,6 +101,23 @@ def test_checkpoint_is_written_in_the_classic_layout_and_loads_in_transformers(c
 
 
 @pytest.mark.slow
+def test_quantforge_eval_scores_a_checkpoint_folder_like_the_build(calibrated_build):
+    root, steps, sources = calibrated_build
+    repo = root / "out" / "t" / "tiny-qwen2-AWQ"
+    proc = quantforge("eval", str(repo), "--source", str(sources["qwen2"]), "--ctx", "64", "--chunks", "4",
+                      "--work-dir", str(root / "work"), "--json", "--max-ppl-increase", "0.5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    built = steps["tiny-qwen2/awq:evaluate"]["data"]
+    # the same windows, the same cached reference, the same runtime: the same figures
+    assert (result["ppl"], result["kld_mean"], result["top1"]) == (built["ppl"], built["kld_mean"], built["top1"])
+    assert result["gate"] == "pass" and result["tokenizer"]["same"]
+    bad = quantforge("eval", str(sources["qwen2"]), "--source", str(sources["qwen2"]), "--work-dir",
+                     str(root / "work"))
+    assert bad.returncode == 2 and "quant_method None; expected gptq or awq" in bad.stderr
+
+
+@pytest.mark.slow
 def test_imatrix_is_computed_once_mapped_to_every_tensor_and_changes_the_quantization(calibrated_build):
     root, steps, sources = calibrated_build
     imatrix_step = steps["imatrix/gguf:imatrix"]

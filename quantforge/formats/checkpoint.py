@@ -44,15 +44,46 @@ def plan_checkpoint(method: str, settings: dict[str, Any], model: ModelTarget, t
                   params={"prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS,
                           "trust_remote_code": model.trust_remote_code}, inputs={"artifact": quantize},
                   tools=tools, model=model.name, fmt=method)
-    evaluate = Step(kind="checkpoint.evaluate", label=f"{model.name}/{method}:evaluate",
-                    params={"trust_remote_code": model.trust_remote_code},
-                    inputs={"artifact": quantize, "tokens": evaluation.tokens, "reference": evaluation.reference,
-                            "source": source}, tools=tools, model=model.name, fmt=method)
+    evaluate = evaluate_step(f"{model.name}/{method}:evaluate", quantize, evaluation, source, context, method,
+                             model.name, model.trust_remote_code)
     gate = gate_step(f"{model.name}/{method}:gate", method, None, evaluate, verify, evaluation.settings,
                      DEFAULT_MAX_PPL_INCREASE.get(target.bits), context.enforce_gates, model.name)
     out = PlannedFormat(steps=[quantize, verify, evaluate, gate])
     out.publishable[method] = (quantize, gate)
     return out
+
+
+def evaluate_step(label: str, artifact: Step, evaluation: EvalSteps, source: Step, context: PlanContext,
+                  method: str, model: str = "", trust_remote_code: bool = False) -> Step:
+    """Score `artifact` in transformers on the model's evaluation windows (builds and `quantforge eval` alike)."""
+    return Step(kind="checkpoint.evaluate", label=label, params={"trust_remote_code": trust_remote_code},
+                inputs={"artifact": artifact, "tokens": evaluation.tokens, "reference": evaluation.reference,
+                        "source": source},
+                tools={"gptqmodel": context.memo("gptqmodel", gptqmodel.gptqmodel_version)}, model=model, fmt=method)
+
+
+def external_step(path: Path, context: PlanContext) -> tuple[Step, str]:
+    """A GPTQ or AWQ checkpoint made elsewhere, identified by its content, as the input of an ad-hoc evaluation;
+    and its method."""
+    from ..errors import BadInputError
+    from ..sources import DEFAULT_ALLOW_PATTERNS, local_digest
+
+    try:
+        config = _read_json(path / "config.json")
+    except (OSError, ValueError):
+        raise BadInputError(f"{path}: no readable config.json; expected a GPTQ or AWQ checkpoint folder") from None
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method not in ("gptq", "awq"):
+        raise BadInputError(f"{path}: config.json has quant_method {method!r}; expected gptq or awq")
+    digest = context.memo(f"local:{path}", lambda: local_digest(path, list(DEFAULT_ALLOW_PATTERNS),
+                                                                 context.work.root))
+    return Step(kind="checkpoint.external", label=f"{path.name}:artifact",
+                params={"path": str(path), "digest": digest}), method
+
+
+def run_external(step: Step, ctx: StepContext) -> dict[str, Any]:
+    path = Path(step.params["path"])
+    return {"path": str(path), "quantization_config": _read_json(path / "config.json")["quantization_config"]}
 
 
 def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
@@ -84,7 +115,8 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
 
 
 def checkpoint_path(artifact) -> Path:
-    return artifact.file(artifact.data["dir"])
+    """A built checkpoint lives in its step folder; an external one (quantforge eval DIR) where it is."""
+    return Path(artifact.data["path"]) if "path" in artifact.data else artifact.file(artifact.data["dir"])
 
 
 def run_verify(step: Step, ctx: StepContext) -> dict[str, Any]:
