@@ -62,15 +62,19 @@ def chat_template(path: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def _card_data(source_params: dict[str, Any], meta: dict[str, Any], namespace: str, library_name: str,
-               tags: set[str]):
-    """The card's front matter: the source's license and language carried over, and the Hub's
-    quantized-model relation when the source is a Hub repo."""
-    from huggingface_hub import ModelCardData
+def _render(card_format: str, source: StepOutput, namespace: str, library_name: str, tags: set[str],
+            **variables: Any) -> str:
+    """Fill a format's template with `variables` plus what every card says of the source and the build. The
+    front matter carries over the source's license and language, and the Hub's quantized-model relation when
+    the source is a Hub repo."""
+    from huggingface_hub import ModelCard, ModelCardData
 
-    is_hub = "commit" in source_params
-    return ModelCardData(
-        base_model=source_params["source"] if is_hub else None,
+    params = source.manifest["params"]
+    source_dir = Path(source.data["path"])
+    is_hub = "commit" in params
+    meta, text = source_card(source_dir)
+    data = ModelCardData(
+        base_model=params["source"] if is_hub else None,
         license=meta.get("license"),
         license_name=meta.get("license_name"),
         license_link=meta.get("license_link"),
@@ -81,6 +85,25 @@ def _card_data(source_params: dict[str, Any], meta: dict[str, Any], namespace: s
         quantized_by=namespace,
         **({"base_model_relation": "quantized"} if is_hub else {}),
     )
+    card = ModelCard.from_template(
+        data, template_str=card_template(card_format), source=params["source"],
+        source_url=f"https://huggingface.co/{params['source']}" if is_hub else None,
+        source_revision=params.get("commit") or params.get("digest", "")[:16],
+        chat_template=chat_template(source_dir), source_card=text, quantforge_version=__version__,
+        build_date=time.strftime("%Y-%m-%d", time.gmtime()), **variables,
+    )
+    return str(card)
+
+
+def _measured(artifact: dict[str, Any], gate: dict[str, Any]) -> dict[str, str]:
+    """An artifact's size per weight and its gate's measurements, as the cards print them."""
+    return {
+        "bpw": f"{artifact['bits_per_weight']:.2f}" if artifact.get("bits_per_weight") else "-",
+        "ppl": f"{gate['ppl']:.3f} ± {gate['ppl_err']:.3f}" if "ppl" in gate else "-",
+        "delta_ppl": _pct(gate.get("delta_ppl")),
+        "kld": f"{gate['kld_mean']:.4f}" if "kld_mean" in gate else "-",
+        "top1": _pct(gate.get("top1"), signed=False),
+    }
 
 
 def _eval_desc(tokens: StepOutput | None) -> str:
@@ -93,12 +116,6 @@ def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOu
                      artifacts: dict[str, tuple[StepOutput, StepOutput]], tokens: StepOutput | None,
                      shards: dict[str, list[str]] | None = None) -> str:
     """artifacts: type -> (quantize output, gate output); shards: type -> split file names, when split."""
-    from huggingface_hub import ModelCard
-
-    params = source.manifest["params"]
-    source_dir = Path(source.data["path"])
-    is_hub = "commit" in params
-    meta, text = source_card(source_dir)
     rows = []
     fallback_pairs: dict[str, int] = {}
     for qtype, (quant, gate) in artifacts.items():
@@ -113,37 +130,27 @@ def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOu
             notes.append(f"split in {len(parts)} files; load the first")
         rows.append({
             "file": parts[0] if parts else q["file"], "type": qtype, "size": _size(q["size"]), "size_bytes": q["size"],
-            "bpw": f"{q['bits_per_weight']:.2f}" if q.get("bits_per_weight") else "-",
-            "ppl": f"{g['ppl']:.3f} ± {g['ppl_err']:.3f}" if "ppl" in g else "-",
-            "delta_ppl": _pct(g.get("delta_ppl")),
-            "kld": f"{g['kld_mean']:.4f}" if "kld_mean" in g else "-",
-            "top1": _pct(g.get("top1"), signed=False),
+            **_measured(q, g),
             "notes": "; ".join(notes),
             "memory": _size(int(q["size"] * 1.15 + 0.5e9)),
         })
     first_gate = next(iter(artifacts.values()))[1].data
-    eval_desc = _eval_desc(tokens)
     types = [r["type"] for r in rows]
     default_type = next((t for t in ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0") if t in types), types[0])
     first_quant = next(iter(artifacts.values()))[0]
     arch = first_quant.data.get("architecture")
-    data = _card_data(params, meta, namespace, "gguf", {"gguf", "llama.cpp", *([arch] if arch else [])})
-    card = ModelCard.from_template(
-        data, template_str=card_template("gguf"),
-        repo_id=repo_id, model=model, source=params["source"],
-        source_url=f"https://huggingface.co/{params['source']}" if is_hub else None,
-        source_revision=params.get("commit") or params.get("digest", "")[:16],
+    return _render(
+        "gguf", source, namespace, "gguf", {"gguf", "llama.cpp", *([arch] if arch else [])},
+        repo_id=repo_id, model=model,
         artifacts=rows, by_size=sorted(rows, key=lambda r: r["size_bytes"]),
         source_ppl=f"{first_gate['source_ppl']:.3f}" if "source_ppl" in first_gate else "-",
-        tokens_scored=first_gate.get("tokens_scored", 0), eval_desc=eval_desc,
+        tokens_scored=first_gate.get("tokens_scored", 0), eval_desc=_eval_desc(tokens),
         fallbacks=", ".join(f"{n}× {p}" for p, n in sorted(fallback_pairs.items())),
-        default_type=default_type, chat_template=chat_template(source_dir),
+        default_type=default_type,
         converter=first_quant.data.get("converter", "llama.cpp's convert_hf_to_gguf.py"),
-        libllama=first_quant.manifest["tools"].get("libllama", "?"), quantforge_version=__version__,
+        libllama=first_quant.manifest["tools"].get("libllama", "?"),
         imatrix=_imatrix_desc({t: q.data["imatrix"] for t, (q, _) in artifacts.items() if q.data.get("imatrix")}),
-        build_date=time.strftime("%Y-%m-%d", time.gmtime()), source_card=text,
     )
-    return str(card)
 
 
 def _imatrix_desc(by_type: dict[str, dict[str, Any]]) -> str | None:
@@ -166,12 +173,6 @@ def render_checkpoint_card(*, repo_id: str, model: str, namespace: str, source: 
                            artifacts: dict[str, tuple[StepOutput, StepOutput]], tokens: StepOutput | None,
                            fmt: str) -> str:
     """The card of a GPTQ or AWQ repo: one checkpoint, its settings, its measurements, and how to load it."""
-    from huggingface_hub import ModelCard
-
-    params = source.manifest["params"]
-    source_dir = Path(source.data["path"])
-    is_hub = "commit" in params
-    meta, text = source_card(source_dir)
     quant, gate = next(iter(artifacts.values()))
     q, g = quant.data, gate.data
     arch = q.get("architecture")
@@ -180,24 +181,13 @@ def render_checkpoint_card(*, repo_id: str, model: str, namespace: str, source: 
         settings += [f"desc_act {str(q['desc_act']).lower()}", f"sym {str(q['sym']).lower()}", f"damp {q['damp']}"]
     else:
         settings += [f"zero point {str(q['zero_point']).lower()}", "GEMM"]
-    data = _card_data(params, meta, namespace, "transformers",
-                      {fmt, f"{q['bits']}-bit", "gptqmodel", *([arch] if arch else [])})
-    card = ModelCard.from_template(
-        data, template_str=card_template(fmt),
-        repo_id=repo_id, model=model, fmt=fmt, FMT=fmt.upper(), source=params["source"],
-        source_url=f"https://huggingface.co/{params['source']}" if is_hub else None,
-        source_revision=params.get("commit") or params.get("digest", "")[:16],
-        settings=", ".join(settings), size=_size(q["size"]),
-        bpw=f"{q['bits_per_weight']:.2f}" if q.get("bits_per_weight") else "-",
-        ppl=f"{g['ppl']:.3f} ± {g['ppl_err']:.3f}" if "ppl" in g else "-",
+    return _render(
+        fmt, source, namespace, "transformers", {fmt, f"{q['bits']}-bit", "gptqmodel", *([arch] if arch else [])},
+        repo_id=repo_id, model=model, fmt=fmt, FMT=fmt.upper(),
+        settings=", ".join(settings), size=_size(q["size"]), **_measured(q, g),
         source_ppl=f"{g['source_ppl']:.3f}" if "source_ppl" in g else "-",
-        delta_ppl=_pct(g.get("delta_ppl")), kld=f"{g['kld_mean']:.4f}" if "kld_mean" in g else "-",
-        top1=_pct(g.get("top1"), signed=False), tokens_scored=g.get("tokens_scored", 0),
-        eval_desc=_eval_desc(tokens),
+        tokens_scored=g.get("tokens_scored", 0), eval_desc=_eval_desc(tokens),
         calibration=_calibration_desc(q.get("calibration")), device=q.get("device", "?"),
         quantize_minutes=f"{q.get('quantize_seconds', 0) / 60:.1f}",
-        gptqmodel=quant.manifest["tools"].get("gptqmodel", "?"), quantforge_version=__version__,
-        build_date=time.strftime("%Y-%m-%d", time.gmtime()), chat_template=chat_template(source_dir),
-        source_card=text,
+        gptqmodel=quant.manifest["tools"].get("gptqmodel", "?"),
     )
-    return str(card)
