@@ -11,6 +11,7 @@ source's, and the chat template.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,7 +70,7 @@ def external_step(path: Path, context: PlanContext) -> tuple[Step, str]:
     from ..sources import DEFAULT_ALLOW_PATTERNS, local_digest
 
     try:
-        config = _read_json(path / "config.json")
+        config = _json_file(path / "config.json")
     except (OSError, ValueError):
         raise BadInputError(f"{path}: no readable config.json; expected a GPTQ or AWQ checkpoint folder") from None
     method = (config.get("quantization_config") or {}).get("quant_method")
@@ -83,7 +84,7 @@ def external_step(path: Path, context: PlanContext) -> tuple[Step, str]:
 
 def run_external(step: Step, ctx: StepContext) -> dict[str, Any]:
     path = Path(step.params["path"])
-    return {"path": str(path), "quantization_config": _read_json(path / "config.json")["quantization_config"]}
+    return {"path": str(path), "quantization_config": _json_file(path / "config.json")["quantization_config"]}
 
 
 def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
@@ -103,7 +104,7 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
     shutil.rmtree(ctx.out_dir / "offload", ignore_errors=True)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     size = sum((out / f).stat().st_size for f in files)
-    config = _read_json(out / "config.json")
+    config = _json_file(out / "config.json")
     n_weights = sum(n_in * n_out for n_in, n_out in layers.values())
     calibration = {k: ctx.inputs["calibration"].manifest["params"][k] for k in ("dataset", "samples", "seq_len")}
     return {"method": method, **settings, "calibration": calibration, "dir": CHECKPOINT_DIR,
@@ -112,6 +113,10 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
             "bits_per_weight": round(size * 8 / n_params, 3),
             "architecture": config.get("model_type"), "quantization_config": config.get("quantization_config"),
             "has_chat_template": chat_template(out) is not None, **result}
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
 
 
 def checkpoint_path(artifact) -> Path:
@@ -134,9 +139,3 @@ def run_evaluate(step: Step, ctx: StepContext) -> dict[str, Any]:
     source_has_template = ctx.inputs["source"].data.get("has_chat_template", False)
     result["chat_template_missing"] = bool(source_has_template and not result["chat_template"])
     return result
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads(path.read_text())

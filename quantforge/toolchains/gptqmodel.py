@@ -9,6 +9,7 @@ model instantiated on torch's meta device (no weights are read).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -80,7 +81,7 @@ def quantize(method: str, source_dir: Path, out_dir: Path, calibration: Path, se
              log_path: Path, scratch: Path, progress=None) -> dict[str, Any]:
     """Quantize `source_dir` into a checkpoint folder `out_dir` with GPTQModel."""
     args = ["quantize", str(source_dir), str(out_dir), "--method", method, "--calibration", str(calibration),
-            "--settings", _json(settings), "--scratch", str(scratch)]
+            "--settings", json.dumps(settings, sort_keys=True), "--scratch", str(scratch)]
 
     def layer(m: re.Match[str]) -> str:
         return f"layer {int(m[1]) + 1}/{int(m[2]) + 1}"
@@ -116,12 +117,6 @@ def evaluate(checkpoint: Path, windows: Path, reference: Path, sample: Path | No
         raise VerificationError(f"transformers could not evaluate {checkpoint.name}: "
                                 f"{result.get('error', 'unknown')}")
     return result
-
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value, sort_keys=True)
 
 
 def _env() -> dict[str, str]:

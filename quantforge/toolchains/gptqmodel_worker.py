@@ -1,11 +1,12 @@
 """Child process for GPTQModel and transformers work on quantized checkpoints; the only module that imports
 gptqmodel.
 
-    python -m quantforge.toolchains.gptqmodel_worker quantize SRC OUT --method gptq|awq --calibration NPY
-                                                              --settings JSON --scratch DIR --result FILE
-    python -m quantforge.toolchains.gptqmodel_worker generate DIR --prompt TEXT [--tokens N] --result FILE
-    python -m quantforge.toolchains.gptqmodel_worker evaluate DIR --windows NPY --reference NPZ [--sample JSON]
-                                                              --result FILE
+    python -m quantforge.toolchains.gptqmodel_worker --result FILE quantize SRC OUT --method gptq|awq
+                                                              --calibration NPY --settings JSON --scratch DIR
+    python -m quantforge.toolchains.gptqmodel_worker --result FILE generate DIR --prompt TEXT [--tokens N]
+                                                              [--trust-remote-code]
+    python -m quantforge.toolchains.gptqmodel_worker --result FILE evaluate DIR --windows NPY --reference NPZ
+                                                              [--sample JSON] [--trust-remote-code]
 
 Output goes to the step's log; the outcome is JSON in --result.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from quantforge.toolchains.worker import report_progress, serve
+from quantforge.toolchains.worker import check_commands, report_progress, serve
 
 # Copied from the source as they are: GPTQModel re-saves the tokenizer and "fixes" the generation config, but
 # what a consumer gets should be the source's own.
@@ -180,20 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--calibration", type=Path, required=True)
     q.add_argument("--settings", required=True)
     q.add_argument("--scratch", type=Path, required=True)
-    g = sub.add_parser("generate")
-    g.add_argument("checkpoint", type=Path)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--tokens", type=int, default=8)
-    e = sub.add_parser("evaluate")
-    e.add_argument("checkpoint", type=Path)
-    e.add_argument("--windows", type=Path, required=True)
-    e.add_argument("--reference", type=Path, required=True)
-    e.add_argument("--sample", type=Path)
-    for p in (g, e):
+    for p in check_commands(sub, "checkpoint"):
         p.add_argument("--trust-remote-code", action="store_true")
-    for p in (q, g, e):
-        p.add_argument("--result", type=Path, required=True)
-    return serve(parser.parse_args(argv), COMMANDS)
+    return serve(parser, COMMANDS, argv)
 
 
 if __name__ == "__main__":

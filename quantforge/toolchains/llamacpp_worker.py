@@ -1,10 +1,10 @@
 """Child process for libllama work; the only module that imports llama_cpp.
 
-    python -m quantforge.toolchains.llamacpp_worker quantize IN OUT TYPE [--threads N]
-                                                             [--imatrix NPZ --gguf-py DIR] --result FILE
-    python -m quantforge.toolchains.llamacpp_worker generate GGUF --prompt TEXT [--tokens N] --result FILE
-    python -m quantforge.toolchains.llamacpp_worker evaluate GGUF --windows NPY --reference NPZ [--sample JSON]
-                                                             --result FILE
+    python -m quantforge.toolchains.llamacpp_worker --result FILE quantize IN OUT TYPE [--threads N]
+                                                                  [--imatrix NPZ --gguf-py DIR]
+    python -m quantforge.toolchains.llamacpp_worker --result FILE generate GGUF --prompt TEXT [--tokens N]
+    python -m quantforge.toolchains.llamacpp_worker --result FILE evaluate GGUF --windows NPY --reference NPZ
+                                                                  [--sample JSON] [--threads N]
 
 libllama logs to this process's stderr, which the parent points at the step's log file. The outcome is written
 as JSON to --result, so the parent never parses free text for success.
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from quantforge.gguf_types import GGUF_TYPES
-from quantforge.toolchains.worker import serve
+from quantforge.toolchains.worker import check_commands, serve
 
 
 def quantize(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,19 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--threads", type=int, default=0)
     q.add_argument("--imatrix", type=Path)
     q.add_argument("--gguf-py", type=Path)
-    g = sub.add_parser("generate")
-    g.add_argument("gguf", type=Path)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--tokens", type=int, default=8)
-    e = sub.add_parser("evaluate")
-    e.add_argument("gguf", type=Path)
-    e.add_argument("--windows", type=Path, required=True)
-    e.add_argument("--reference", type=Path, required=True)
-    e.add_argument("--sample", type=Path)
+    _, e = check_commands(sub, "gguf")
     e.add_argument("--threads", type=int, default=0)
-    for p in (q, g, e):
-        p.add_argument("--result", type=Path, required=True)
-    return serve(parser.parse_args(argv), COMMANDS)
+    return serve(parser, COMMANDS, argv)
 
 
 if __name__ == "__main__":

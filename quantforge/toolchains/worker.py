@@ -9,6 +9,7 @@ GPTQModel's "Quantizing layer 3 of 29").
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -26,8 +27,27 @@ def report_progress(text: str) -> None:
     print(PROGRESS_PREFIX + text, flush=True)
 
 
-def serve(args: Any, commands: dict[str, Callable[[Any], dict[str, Any]]]) -> int:
-    """Called in the child: run `args.command`, write its result (or the exception, as data) to `args.result`."""
+def check_commands(sub: Any, artifact: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """Called in the child: the `generate` and `evaluate` commands every consumer's worker offers, with the
+    arguments they share; the worker adds its own."""
+    generate = sub.add_parser("generate")
+    generate.add_argument(artifact, type=Path)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--tokens", type=int, default=8)
+    evaluate = sub.add_parser("evaluate")
+    evaluate.add_argument(artifact, type=Path)
+    evaluate.add_argument("--windows", type=Path, required=True)
+    evaluate.add_argument("--reference", type=Path, required=True)
+    evaluate.add_argument("--sample", type=Path)
+    return generate, evaluate
+
+
+def serve(parser: argparse.ArgumentParser, commands: dict[str, Callable[[Any], dict[str, Any]]],
+          argv: list[str] | None = None) -> int:
+    """Called in the child: parse `--result FILE COMMAND ...`, run the command, and write its result (or the
+    exception, as data) to FILE."""
+    parser.add_argument("--result", type=Path, required=True)
+    args = parser.parse_args(argv)
     try:
         result = commands[args.command](args)
     except Exception as exc:  # reported to the parent as data; the traceback goes to the log
@@ -35,7 +55,7 @@ def serve(args: Any, commands: dict[str, Callable[[Any], dict[str, Any]]]) -> in
 
         traceback.print_exc()
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    Path(args.result).write_text(json.dumps(result))
+    args.result.write_text(json.dumps(result))
     sys.stdout.flush()
     sys.stderr.flush()
     return 0 if result.get("ok") else 1
@@ -45,9 +65,9 @@ def run_worker(module: str, args: Sequence[str], log_path: Path, result_file: Pa
                progress: Callable[[str], None] | None = None,
                patterns: Sequence[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = (),
                env: dict[str, str] | None = None, cwd: Path | None = None) -> dict[str, Any]:
-    """Run `python -m module *args --result FILE` (in `cwd`: some tools write files where they run); return its
+    """Run `python -m module --result FILE *args` (in `cwd`: some tools write files where they run); return its
     result (ok false when it wrote none)."""
-    cmd = [sys.executable, "-m", module, *args, "--result", str(result_file)]
+    cmd = [sys.executable, "-m", module, "--result", str(result_file), *args]
     watched = [(_OWN_PROGRESS, lambda m: m["text"]), *patterns]
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(cmd)}\n")
