@@ -1,44 +1,72 @@
-"""Model cards for published repos, rendered with huggingface_hub's card tooling from a Jinja template.
+"""Model cards for published repos, rendered with huggingface_hub's card tooling from a format's Jinja template.
 
-The card says which file to pick and proves what was measured: the quant table comes from the same
-evaluation the gates used, and the provenance from the steps' manifests.
+This module renders what every card says of the source and the build (front matter, source, provenance, chat
+template, the source's own card) and formats measurements; each format fills its own section (formats/gguf.py,
+steps/checkpoint.py). The quant table comes from the same evaluation the gates used, the provenance from the
+steps' manifests.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import __version__
-
-if TYPE_CHECKING:
-    from .engine import StepOutput
+from .chat_template import read_chat_template
+from .config.schema import ModelTarget, is_local_source
+from .core.formats import ReleaseInfo
+from .core.step import StepOutput
+from .data import parse_text_source
+from .figures import format_pct, format_size
 
 CARD_FILE = "README.md"
+HUB_URL = "https://huggingface.co"  # repo links in cards and GGUF metadata name the Hub, whatever `publish.to` is
+# the conversation the prompt-format example renders (user, then assistant: every chat template accepts it)
+EXAMPLE_CHAT = ({"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "The capital of France is Paris."})
+
+__all__ = ["CARD_FILE", "HUB_URL", "calibration_desc", "card_template_version", "chat_example", "eval_desc",
+           "format_size", "hub_url", "measured", "public_text_name", "release_info", "render_card", "repo_id"]
 
 
-def card_template(fmt: str) -> str:
-    name = "gguf" if fmt == "gguf" else "checkpoint"  # GPTQ and AWQ share one card
-    return resources.files("quantforge").joinpath(f"templates/{name}_card.md.jinja").read_text(encoding="utf-8")
+def repo_id(model: ModelTarget, fmt: str) -> str:
+    """The repo a model's format is published to, e.g. my-org/Qwen2.5-7B-Instruct-GGUF."""
+    return f"{model.publish.namespace}/{model.publish.repo_name(model.name, fmt)}"
 
 
-def card_template_version(fmt: str) -> str:
+def release_info(model: ModelTarget) -> ReleaseInfo:
+    """The model tree and licence a model's repos declare: from targets.yaml, else (base_model) the Hub source."""
+    base_model = model.base_model or (None if is_local_source(model.source) else model.source)
+    return ReleaseInfo(base_model=base_model, license=model.license, license_name=model.license_name,
+                       license_link=model.license_link)
+
+
+def hub_url(repo: str) -> str:
+    return f"{HUB_URL}/{repo}"
+
+
+def public_text_name(spec: str) -> str:
+    """A text spec (builtin | file:PATH[,PATH] | hf:...) as a published repo may name it: local files by their
+    names alone, so that no card, manifest or GGUF key reveals a user's directories."""
+    try:
+        source = parse_text_source(spec)
+    except ValueError:
+        return spec
+    if source.kind != "file":
+        return spec
+    return "file:" + ",".join(Path(p).name for p in source.paths)
+
+
+def card_template(template: str) -> str:
+    return resources.files("quantforge").joinpath(f"templates/{template}").read_text(encoding="utf-8")
+
+
+def card_template_version(template: str) -> str:
     """Part of the publish step's key: editing the template republishes the cards."""
-    return hashlib.sha256(card_template(fmt).encode()).hexdigest()[:16]
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
-
-
-def _pct(value: float | None, signed: bool = True) -> str:
-    if value is None:
-        return "-"
-    return f"{value:+.2%}" if signed else f"{value:.1%}"
+    return hashlib.sha256(card_template(template).encode()).hexdigest()[:16]
 
 
 def source_card(path: Path) -> tuple[dict[str, Any], str]:
@@ -52,142 +80,83 @@ def source_card(path: Path) -> tuple[dict[str, Any], str]:
     return card.data.to_dict(), card.text.strip()
 
 
-def chat_template(path: Path) -> str | None:
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text().strip()
-    try:
-        template = json.loads((path / "tokenizer_config.json").read_text()).get("chat_template")
-    except (OSError, ValueError):
-        return None
-    return template if isinstance(template, str) else None
-
-
-def _render(card_format: str, source: StepOutput, namespace: str, library_name: str, tags: set[str],
-            **variables: Any) -> str:
+def render_card(template: str, source: StepOutput, namespace: str, library_name: str, tags: set[str],
+                release: ReleaseInfo | None = None, **variables: Any) -> str:
     """Fill a format's template with `variables` plus what every card says of the source and the build. The
-    front matter carries over the source's license and language, and the Hub's quantized-model relation when
-    the source is a Hub repo."""
+    front matter puts the repo in the Hub's model tree (base_model, relation `quantized`) when the base model is
+    known (declared, or the Hub source itself), and carries the declared licence, else the source card's."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    params = source.manifest["params"]
+    release = release or ReleaseInfo()
+    params = source.params
     source_dir = Path(source.data["path"])
     is_hub = "commit" in params
     meta, text = source_card(source_dir)
+    base_model = release.base_model or (params["source"] if is_hub else None)
+    # a declared licence comes with its own name and link; otherwise all three are the source card's
+    licence = release if release.license else ReleaseInfo(license=meta.get("license"),
+                                                          license_name=meta.get("license_name"),
+                                                          license_link=meta.get("license_link"))
     data = ModelCardData(
-        base_model=params["source"] if is_hub else None,
-        license=meta.get("license"),
-        license_name=meta.get("license_name"),
-        license_link=meta.get("license_link"),
+        base_model=base_model,
+        license=licence.license,
+        license_name=licence.license_name,
+        license_link=licence.license_link,
         language=meta.get("language"),
         library_name=library_name,
         pipeline_tag=meta.get("pipeline_tag") or "text-generation",
         tags=sorted({"quantized", "quantforge", *tags}),
         quantized_by=namespace,
-        **({"base_model_relation": "quantized"} if is_hub else {}),
+        **({"base_model_relation": "quantized"} if base_model else {}),
     )
     card = ModelCard.from_template(
-        data, template_str=card_template(card_format), source=params["source"],
-        source_url=f"https://huggingface.co/{params['source']}" if is_hub else None,
+        data, template_str=card_template(template), source=params["source"] if is_hub else None,
+        source_url=hub_url(params["source"]) if is_hub else None,
         source_revision=params.get("commit") or params.get("digest", "")[:16],
-        chat_template=chat_template(source_dir), source_card=text, quantforge_version=__version__,
-        build_date=time.strftime("%Y-%m-%d", time.gmtime()), **variables,
+        base_model=base_model, base_model_url=hub_url(base_model) if base_model else None,
+        siblings=[{"format": fmt.upper(), "repo_id": repo, "url": hub_url(repo)} for fmt, repo in release.siblings],
+        chat_template=read_chat_template(source_dir), chat_example=chat_example(source_dir), source_card=text,
+        quantforge_version=__version__, build_date=time.strftime("%Y-%m-%d", time.gmtime()), **variables,
     )
     return str(card)
 
 
-def _measured(artifact: dict[str, Any], gate: dict[str, Any]) -> dict[str, str]:
+def chat_example(source_dir: Path) -> str | None:
+    """The source's chat template applied by transformers to a two-message conversation: what the runtime feeds
+    the model, which the Jinja alone makes hard to see. None when there is no template or it does not render."""
+    if read_chat_template(source_dir) is None:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source_dir)
+        text = tokenizer.apply_chat_template(list(EXAMPLE_CHAT), tokenize=False)
+    except Exception:  # a template that needs tools, a date or remote code: the card shows the Jinja only
+        return None
+    return text if isinstance(text, str) and text.strip() else None
+
+
+def measured(artifact: dict[str, Any], gate: dict[str, Any]) -> dict[str, str]:
     """An artifact's size per weight and its gate's measurements, as the cards print them."""
     return {
         "bpw": f"{artifact['bits_per_weight']:.2f}" if artifact.get("bits_per_weight") else "-",
         "ppl": f"{gate['ppl']:.3f} ± {gate['ppl_err']:.3f}" if "ppl" in gate else "-",
-        "delta_ppl": _pct(gate.get("delta_ppl")),
+        "delta_ppl": format_pct(gate.get("delta_ppl")),
         "kld": f"{gate['kld_mean']:.4f}" if "kld_mean" in gate else "-",
-        "top1": _pct(gate.get("top1"), signed=False),
+        "top1": format_pct(gate.get("top1"), signed=False, digits=1),
     }
 
 
-def _eval_desc(tokens: StepOutput | None) -> str:
-    tok = tokens.manifest["params"] if tokens else {}
-    return (f"`{tok.get('dataset')}`, {tok.get('chunks')} windows of {tok.get('ctx')} tokens, second half of each "
-            "scored" if tok else "not measured")
+def eval_desc(tokens: StepOutput | None) -> str:
+    tok = tokens.params if tokens else {}
+    if not tok:
+        return "not measured"
+    return (f"`{public_text_name(str(tok.get('dataset')))}`, {tok.get('chunks')} windows of {tok.get('ctx')} "
+            "tokens, second half of each scored")
 
 
-def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOutput,
-                     artifacts: dict[str, tuple[StepOutput, StepOutput]], tokens: StepOutput | None,
-                     shards: dict[str, list[str]] | None = None) -> str:
-    """artifacts: type -> (quantize output, gate output); shards: type -> split file names, when split."""
-    rows = []
-    fallback_pairs: dict[str, int] = {}
-    for qtype, (quant, gate) in artifacts.items():
-        q, g = quant.data, gate.data
-        for f in q.get("fallbacks", []):
-            pair = f"{f['wanted']}→{f['used']}"
-            fallback_pairs[pair] = fallback_pairs.get(pair, 0) + 1
-        n_fb = len(q.get("fallbacks", []))
-        parts = (shards or {}).get(qtype)
-        notes = [f"{n_fb} tensor{'s' if n_fb > 1 else ''} fell back"] if n_fb else []
-        if parts:
-            notes.append(f"split in {len(parts)} files; load the first")
-        rows.append({
-            "file": parts[0] if parts else q["file"], "type": qtype, "size": _size(q["size"]), "size_bytes": q["size"],
-            **_measured(q, g),
-            "notes": "; ".join(notes),
-            "memory": _size(int(q["size"] * 1.15 + 0.5e9)),
-        })
-    first_gate = next(iter(artifacts.values()))[1].data
-    types = [r["type"] for r in rows]
-    default_type = next((t for t in ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0") if t in types), types[0])
-    first_quant = next(iter(artifacts.values()))[0]
-    arch = first_quant.data.get("architecture")
-    return _render(
-        "gguf", source, namespace, "gguf", {"gguf", "llama.cpp", *([arch] if arch else [])},
-        repo_id=repo_id, model=model,
-        artifacts=rows, by_size=sorted(rows, key=lambda r: r["size_bytes"]),
-        source_ppl=f"{first_gate['source_ppl']:.3f}" if "source_ppl" in first_gate else "-",
-        tokens_scored=first_gate.get("tokens_scored", 0), eval_desc=_eval_desc(tokens),
-        fallbacks=", ".join(f"{n}× {p}" for p, n in sorted(fallback_pairs.items())),
-        default_type=default_type,
-        converter=first_quant.data.get("converter", "llama.cpp's convert_hf_to_gguf.py"),
-        libllama=first_quant.manifest["tools"].get("libllama", "?"),
-        imatrix=_imatrix_desc({t: q.data["imatrix"] for t, (q, _) in artifacts.items() if q.data.get("imatrix")}),
-    )
-
-
-def _imatrix_desc(by_type: dict[str, dict[str, Any]]) -> str | None:
-    """type -> the imatrix record of its quantize step; None when no file used one."""
-    if not by_type:
-        return None
-    first = next(iter(by_type.values()))
-    return (f"{', '.join(by_type)} {'was' if len(by_type) == 1 else 'were'} quantized with one, covering "
-            f"{first['tensors']} weight matrices, computed on {_calibration_desc(first.get('calibration'))}")
-
-
-def _calibration_desc(calibration: dict[str, Any] | None) -> str:
+def calibration_desc(calibration: dict[str, Any] | None) -> str:
     if not calibration:
         return "-"
-    return (f"`{calibration['dataset']}`, {calibration['samples']} samples of {calibration['seq_len']} tokens "
-            "(from the end of the text; evaluation windows come from its start)")
-
-
-def render_checkpoint_card(*, repo_id: str, model: str, namespace: str, source: StepOutput,
-                           artifacts: dict[str, tuple[StepOutput, StepOutput]], tokens: StepOutput | None,
-                           fmt: str) -> str:
-    """The card of a GPTQ or AWQ repo: one checkpoint, its settings, its measurements, and how to load it."""
-    quant, gate = next(iter(artifacts.values()))
-    q, g = quant.data, gate.data
-    arch = q.get("architecture")
-    settings = [f"{q['bits']}-bit", f"group size {q['group_size']}"]
-    if fmt == "gptq":
-        settings += [f"desc_act {str(q['desc_act']).lower()}", f"sym {str(q['sym']).lower()}", f"damp {q['damp']}"]
-    else:
-        settings += [f"zero point {str(q['zero_point']).lower()}", "GEMM"]
-    return _render(
-        fmt, source, namespace, "transformers", {fmt, f"{q['bits']}-bit", "gptqmodel", *([arch] if arch else [])},
-        repo_id=repo_id, model=model, fmt=fmt, FMT=fmt.upper(),
-        settings=", ".join(settings), size=_size(q["size"]), **_measured(q, g),
-        source_ppl=f"{g['source_ppl']:.3f}" if "source_ppl" in g else "-",
-        tokens_scored=g.get("tokens_scored", 0), eval_desc=_eval_desc(tokens),
-        calibration=_calibration_desc(q.get("calibration")), device=q.get("device", "?"),
-        quantize_minutes=f"{q.get('quantize_seconds', 0) / 60:.1f}",
-        gptqmodel=quant.manifest["tools"].get("gptqmodel", "?"),
-    )
+    return (f"`{public_text_name(calibration['dataset'])}`, {calibration['samples']} samples of "
+            f"{calibration['seq_len']} tokens (from the end of the text; evaluation windows come from its start)")

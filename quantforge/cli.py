@@ -25,6 +25,9 @@ OfflineOpt = Annotated[bool, typer.Option("--offline", help="Resolve Hub revisio
 LlamaCppOpt = Annotated[str | None, typer.Option(
     "--llama-cpp", help="Use this llama.cpp checkout's converter instead of the one matching llama-cpp-python "
                         "(also: QUANTFORGE_LLAMA_CPP_DIR).", metavar="DIR")]
+IgnorePublishedOpt = Annotated[bool, typer.Option(
+    "--ignore-published", help="Judge by the work dir alone: do not read what the repos record (quantforge.json), "
+                               "so a fresh work dir rebuilds everything.")]
 DEFAULT_WORK_DIR = Path(".quantforge")
 
 
@@ -43,8 +46,9 @@ def _fail(exc: QuantforgeError) -> typer.Exit:
 
 def _plan(targets_file: Path, work_dir: Path, only: str | None, offline: bool, llama_cpp: str | None,
           enforce_gates: bool = True, publish_to: str | None = None):
-    from .config import load_targets, with_publish_to
-    from .plan import PlanContext, build_plan
+    from .config.schema import with_publish_to
+    from .core.step import PlanContext
+    from .pipeline import build_plan, load_targets
     from .store import WorkDir
 
     targets = load_targets(targets_file)
@@ -58,37 +62,59 @@ def _plan(targets_file: Path, work_dir: Path, only: str | None, offline: bool, l
 @app.command()
 def validate(targets_file: TargetsArg) -> None:
     """Check a targets file; print every problem with its file, line and key."""
-    from .config import load_targets
+    from .pipeline import load_targets
 
     try:
         targets = load_targets(targets_file)
     except QuantforgeError as exc:
         raise _fail(exc) from None
-    n = sum(len(m.formats.gguf.types) if f == "gguf" else 1 for m in targets.models for f in m.formats.enabled())
+    n = sum(m.formats.settings(f).artifact_count() for m in targets.models for f in m.formats.enabled())
     typer.echo(f"{targets_file}: ok ({len(targets.models)} models, {n} artifacts)")
+    from .publish import release_warnings
+
+    for warning in release_warnings(targets):  # valid, but the Hub would show no model tree or licence
+        typer.echo(f"{targets_file}: warning: {warning}", err=True)
 
 
 @app.command()
 def plan(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only: OnlyOpt = None,
-         json_output: JsonOpt = False, offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None) -> None:
+         json_output: JsonOpt = False, offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None,
+         github_matrix: Annotated[bool, typer.Option(
+             "--github-matrix", help="Print the GitHub Actions matrix of nightly legs, {\"include\": [...]}: one per "
+                                     "model with anything stale (model, runs-on, reasons, disk, memory).")] = False,
+         every_model: Annotated[bool, typer.Option("--all", help="With --github-matrix: a leg for every model, "
+                                                   "stale or not.")] = False,
+         ignore_published: IgnorePublishedOpt = False) -> None:
     """Show every step and whether it is up to date, and why not."""
-    from .engine import must_run
+    from .console import reason_text
+    from .core.engine import must_run
+    from .steps.memory import memory_plan
 
     try:
         the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp)
-        todo = must_run(the_plan, work)
+        # a step the work dir lacks may be up to date by its repo's record (one request per repo; not --offline)
+        todo = must_run(the_plan, work, remote=not (offline or ignore_published))
+        if github_matrix:
+            from .nightly import github_matrix as matrix_of
+
+            typer.echo(json.dumps(matrix_of(the_plan, todo, every_model=every_model), separators=(",", ":")))
+            return
+        memory = memory_plan(the_plan.steps)  # expected peak of each heavy step against what is free now
     except QuantforgeError as exc:
         raise _fail(exc) from None
-    rows = [{"label": s.label, "kind": s.kind, "key": s.key,
-             "status": "stale" if s.label in todo else "up-to-date", "reasons": todo.get(s.label, [])}
-            for s in the_plan.steps]
     if json_output:
-        typer.echo(json.dumps({"steps": rows}, indent=2))
+        rows = [{"label": s.label, "kind": s.kind, "key": s.key, "model": s.model, "format": s.fmt, "type": s.qtype,
+                 "status": "stale" if s.label in todo else "up-to-date",
+                 "reasons": [r.to_json() for r in todo.get(s.label, [])]} for s in the_plan.steps]
+        typer.echo(json.dumps({"steps": rows, "memory": memory.to_json()}, indent=2, default=str))
         return
-    for row in rows:
-        why = f"  ({'; '.join(row['reasons'])})" if row["reasons"] else ""
-        typer.echo(f"{row['status']:<10} {row['label']}{why}")
-    typer.echo(f"{len(todo)} of {len(rows)} steps to run")
+    for step in the_plan.steps:
+        reasons = todo.get(step.label, [])
+        why = f"  ({'; '.join(reason_text(r) for r in reasons)})" if reasons else ""
+        typer.echo(f"{'stale' if reasons else 'up-to-date':<10} {step.label}{why}")
+    typer.echo(f"{len(todo)} of {len(the_plan.steps)} steps to run")
+    if memory.steps:
+        typer.echo("\n".join(memory.lines()))
 
 
 @app.command()
@@ -100,14 +126,36 @@ def build(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, onl
                                                       "(default: all).")] = None,
           no_gate: Annotated[bool, typer.Option("--no-gate", help="Measure quality but publish artifacts that "
                                                 "miss their gates (for experiments; recorded).")] = False,
-          json_output: JsonOpt = False, offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None) -> None:
+          no_memory_check: Annotated[bool, typer.Option("--no-memory-check", help="Start steps whose memory "
+                                                        "estimate exceeds what is available.")] = False,
+          evict: Annotated[bool | None, typer.Option(
+              "--evict/--no-evict", help="Delete the intermediate after its last quantization and each artifact "
+                                         "once its repo is published (default: $QUANTFORGE_EVICT, else off).")] = None,
+          no_disk_check: Annotated[bool, typer.Option("--no-disk-check", help="Start even when the expected peak "
+                                                      "disk use exceeds the free space.")] = False,
+          json_output: JsonOpt = False, offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None,
+          ignore_published: IgnorePublishedOpt = False) -> None:
     """Build every stale artifact, check it against its source, and publish what passes."""
-    from .console import make_reporter
-    from .engine import BuildOptions, run_plan
+    import os
 
+    from .console import make_reporter
+    from .core.engine import must_run, run_plan
+    from .core.step import BuildOptions
+    from .steps.disk import check_disk
+    from .steps.memory import check_fits
+
+    if evict is None:  # a CI leg's work dir is thrown away: what it no longer needs only takes disk
+        evict = os.environ.get("QUANTFORGE_EVICT", "") not in ("", "0", "false")
     try:
         the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp, enforce_gates=not no_gate)
-        options = BuildOptions(keep_going=keep_going, dry_run=dry_run, threads=threads, llama_cpp_dir=llama_cpp)
+        if not dry_run and not (no_memory_check and no_disk_check):
+            todo = must_run(the_plan, work, remote=not (offline or ignore_published))
+            if not no_disk_check:  # before anything is downloaded: both numbers now, not a full disk hours in
+                check_disk(the_plan.steps, todo, work_root=work.root, evict=evict)
+            if not no_memory_check:  # refuse what cannot fit, rather than be killed half-way
+                check_fits(s for s in the_plan.steps if s.label in todo)
+        options = BuildOptions(keep_going=keep_going, dry_run=dry_run, threads=threads, llama_cpp_dir=llama_cpp,
+                               offline=offline or ignore_published, evict=evict)
         result = run_plan(the_plan, work, options, make_reporter(json_output))
     except QuantforgeError as exc:
         raise _fail(exc) from None
@@ -117,11 +165,12 @@ def build(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, onl
 def _finish(result, work, json_output: bool) -> None:
     """Save the report, print it (JSON or a summary), exit 0 or 1."""
     from . import report as report_mod
+    from .store import finite_json
 
     path = report_mod.save(result, work)
-    data = result.to_json()
+    data = finite_json(result.to_json())
     if json_output:
-        typer.echo(json.dumps({**data, "report": str(path)}, indent=2))
+        typer.echo(json.dumps({**data, "report": str(path)}, indent=2, allow_nan=False))
     else:
         _print_summary(data, path)
     raise typer.Exit(0 if result.ok else 1)
@@ -131,16 +180,18 @@ def _print_summary(data: dict, report_path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .formats.gguf import VERIFY_PROMPT
-    from .report import artifact_rows, fmt_num, fmt_pct
+    from .figures import format_num, format_pct
+    from .report import artifact_rows
+    from .steps.evaluation import VERIFY_PROMPT
 
     console = Console(stderr=True, highlight=False)
     if not console.is_terminal:
         console.width = 140  # CI logs do not wrap; an 80-column guess would squeeze the table unreadable
     groups: dict[str, list[dict]] = {}
     for row in artifact_rows(data):
-        group, _, gguf_type = row["artifact"].rpartition("/")
-        groups.setdefault(group, []).append({**row, "type": gguf_type})
+        # one table per model and format; a row per type (a one-artifact format's row is named by the format)
+        group = f"{row['model']}/{row['format']}" if row["type"] else row["model"]
+        groups.setdefault(group, []).append({**row, "type": row["type"] or row["format"]})
     for group, rows in groups.items():
         table = Table(title=group, title_justify="left", box=None, pad_edge=False)
         table.add_column("type", no_wrap=True)
@@ -148,8 +199,9 @@ def _print_summary(data: dict, report_path: Path) -> None:
             table.add_column(col, justify="right", no_wrap=True)
         table.add_column(f"{VERIFY_PROMPT} ...", no_wrap=True, overflow="ellipsis", max_width=28)
         for r in rows:
-            table.add_row(r["type"], str(r["size_mb"]), str(r["bpw"]), fmt_num(r["ppl"]), fmt_pct(r["delta_ppl"]),
-                          fmt_num(r["kld"], 4), fmt_pct(r["top1"])[1:], str(r["fallbacks"]), r["gate"],
+            table.add_row(r["type"], str(r["size_mb"]), str(r["bpw"]), format_num(r["ppl"]),
+                          format_pct(r["delta_ppl"]), format_num(r["kld"], 4), format_pct(r["top1"], signed=False),
+                          str(r["fallbacks"]), r["gate"],
                           repr((r["sample"] or "")[:40]))
         source_ppl = next((r["source_ppl"] for r in rows if r["source_ppl"]), None)
         if source_ppl:
@@ -168,7 +220,7 @@ def _print_summary(data: dict, report_path: Path) -> None:
 def card(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only: OnlyOpt = None,
          offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None) -> None:
     """Render each repo's model card from what the last build made, without publishing."""
-    from .engine import load_inputs
+    from .core.engine import load_inputs
     from .publish import CARD_FILE, render_card
 
     try:
@@ -190,11 +242,13 @@ def push(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only
          json_output: JsonOpt = False, offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None) -> None:
     """Publish what a previous build made and checked; builds nothing."""
     from .console import make_reporter
-    from .engine import BuildOptions, load_inputs, run_plan
-    from .plan import Plan, topological
+    from .core.engine import load_inputs, run_plan
+    from .core.plan import Plan, topological
+    from .core.step import BuildOptions
 
     try:
         the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp, publish_to=to)
+        work.check_unlocked()  # a build still running: its outputs are not there yet, and it publishes itself
         publish_steps = [s for s in the_plan.steps if s.kind == "publish"]
         for step in publish_steps:
             load_inputs(step, work)  # every artifact built and past its gate, or a clear error
@@ -222,15 +276,18 @@ def eval_(artifact: Annotated[Path, typer.Argument(help="A GGUF file, or a GPTQ/
     """Measure a GGUF or a GPTQ/AWQ checkpoint against its source model: PPL, ΔPPL, KLD, top-1, tokenizer."""
     from pydantic import ValidationError
 
-    from .config import EvaluationSettings
+    from .config.schema import EvaluationSettings
     from .console import make_reporter
-    from .engine import BuildOptions, run_plan
+    from .core.engine import run_plan
+    from .core.step import BuildOptions, PlanContext
     from .errors import BadInputError
-    from .evaluate import plan_adhoc
-    from .plan import PlanContext
-    from .store import WorkDir
+    from .figures import format_num, format_pct
+    from .pipeline import plan_adhoc
+    from .store import WorkDir, finite_json
 
     try:
+        if Path(source).expanduser().is_dir():  # an existing folder is local, with or without ./
+            source = str(Path(source).expanduser().resolve())
         try:
             settings = EvaluationSettings(dataset=dataset, ctx=ctx, chunks=chunks)
         except ValidationError as exc:
@@ -245,15 +302,70 @@ def eval_(artifact: Annotated[Path, typer.Argument(help="A GGUF file, or a GPTQ/
     evaluation = steps[f"{artifact.name}:evaluate"]
     gate = steps[f"{artifact.name}:gate"]
     if json_output:
-        typer.echo(json.dumps({"artifact": str(artifact), "ok": result.ok, **evaluation.data,
-                               "gate": gate.error or "pass"}, indent=2))
+        typer.echo(json.dumps(finite_json({"artifact": str(artifact), "ok": result.ok, **evaluation.data,
+                                           "gate": gate.error or "pass"}), indent=2, allow_nan=False))
     elif evaluation.data:
         d = evaluation.data
-        typer.echo(f"{artifact.name}: PPL {d['ppl']:.4f} ± {d['ppl_err']:.4f} (source {d['source_ppl']:.4f}, "
-                   f"ΔPPL {d['delta_ppl']:+.2%}), KLD {d['kld_mean']:.5f} (p99 {d['kld_p99']:.5f}), "
-                   f"top-1 {d['top1']:.2%}, {d['tokens_scored']} tokens scored; tokenizer "
-                   f"{'matches' if d['tokenizer']['same'] else 'DIFFERS: ' + d['tokenizer']['first_difference']}")
+        parity = d.get("tokenizer") or {}
+        typer.echo(f"{artifact.name}: PPL {format_num(d['ppl'], 4)} ± {format_num(d['ppl_err'], 4)} (source "
+                   f"{format_num(d['source_ppl'], 4)}, ΔPPL {format_pct(d['delta_ppl'])}), KLD "
+                   f"{format_num(d['kld_mean'], 5)} (p99 {format_num(d['kld_p99'], 5)}), top-1 "
+                   f"{format_pct(d['top1'], signed=False)}, {d['tokens_scored']} tokens scored; tokenizer "
+                   f"{'matches' if parity.get('same', True) else 'DIFFERS: ' + parity['first_difference']}")
+        if gate.error:
+            typer.echo(f"error: {gate.error}", err=True)
     raise typer.Exit(0 if result.ok else 1)
+
+
+report_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Build reports.")
+app.add_typer(report_app, name="report")
+ci_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Nightly builds on GitHub Actions.")
+app.add_typer(ci_app, name="ci")
+
+
+@report_app.command("merge")
+def report_merge(
+        reports: Annotated[list[Path], typer.Argument(help="Legs' reports: build --json output or a work dir's "
+                                                      "reports/*.json.", show_default=False)],
+        json_out: Annotated[Path | None, typer.Option("--json-out", help="Also write the merged report here.",
+                                                      metavar="FILE")] = None,
+        matrix: Annotated[Path | None, typer.Option("--matrix", help="The plan's matrix JSON: a leg in it without a "
+                                                    "report counts as failed.", metavar="FILE")] = None) -> None:
+    """Join a nightly's leg reports: Markdown for $GITHUB_STEP_SUMMARY on stdout; exit 1 when a leg failed."""
+    from .report import merge, merged_markdown
+    from .store import finite_json
+
+    expected: list[str] = []
+    if matrix is not None:
+        try:
+            expected = [leg["model"] for leg in json.loads(matrix.read_text(encoding="utf-8"))["include"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            typer.echo(f"error: --matrix {matrix}: not a matrix from plan --github-matrix ({exc})", err=True)
+            raise typer.Exit(2) from None
+    merged = merge(reports, expected)
+    if json_out is not None:
+        json_out.write_text(json.dumps(finite_json(merged), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    typer.echo(merged_markdown(merged))
+    raise typer.Exit(0 if merged["ok"] else 1)
+
+
+@ci_app.command("init")
+def ci_init(targets: Annotated[Path, typer.Option("--targets", help="The targets file the nightly builds.")]
+            = Path("targets.yaml"),
+            out: Annotated[Path, typer.Option("--out", help="The repository's root: the workflow goes to "
+                                              ".github/workflows/nightly.yml under it.")] = Path("."),
+            force: Annotated[bool, typer.Option("--force", help="Overwrite an existing workflow.")] = False) -> None:
+    """Write the nightly workflow (plan -> a build leg per stale model -> one summary) into a repository."""
+    from .nightly import write_workflow
+    from .pipeline import load_targets
+
+    try:
+        load_targets(targets)  # a workflow for a file that does not validate would fail every night
+        path = write_workflow(targets, out, force=force)
+    except QuantforgeError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"wrote {path}; add an HF_TOKEN secret with write access (Settings > Secrets and variables > "
+               "Actions), then commit it")
 
 
 @app.command()

@@ -10,11 +10,43 @@ from typing import TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from .engine import StepResult
-from .plan import Step
+from .core.engine import StepResult
+from .core.step import Reason, Step
 
 _MARKS = {"built": "✓", "reused": "·", "up-to-date": "·", "not-needed": "·", "would-build": "→", "failed": "✗",
           "skipped": "-", "not-run": "-"}
+
+
+def reason_text(reason: Reason) -> str:
+    """One reason, as a person reads it: `params.type: 'Q8_0' -> 'Q6_K'`, `input source changed`."""
+    match reason.what:
+        case "never-built":
+            return "never built"
+        case "output-missing":
+            return "output missing from the work dir"
+        case "params":
+            return f"params.{reason.key}: {reason.old!r} -> {reason.new!r}"
+        case "tools":
+            return f"tools.{reason.key}: {reason.old} -> {reason.new}"
+        case "input":
+            return f"input {reason.key} changed"
+        case "inputs":
+            return "inputs changed"
+        case "published":
+            return f"published copy changed or missing: {', '.join(reason.new or [])}"
+        case "unpublished":
+            return f"no build record at {reason.new}"  # not published, by an older quantforge, or cut short
+        case "since-published":
+            return f"{reason.key}: {reason.new} since published"
+        case "input-failed":
+            return f"input failed: {', '.join(reason.new or [])}"
+        case "stopped":
+            return "the build stopped"
+    return reason.what
+
+
+def reasons_text(reasons: list[Reason]) -> str:
+    return "; ".join(reason_text(r) for r in reasons)
 
 
 def _describe(result: StepResult) -> str:
@@ -22,7 +54,7 @@ def _describe(result: StepResult) -> str:
     if result.status == "built":
         text += f" ({result.seconds:.1f} s)"
     if result.status in ("would-build", "skipped", "not-run") and result.reasons:
-        text += f"  [{'; '.join(result.reasons)}]"
+        text += f"  [{reasons_text(result.reasons)}]"
     if result.status == "failed":
         text += f"\n    {result.error}"
         if result.hint:
@@ -47,9 +79,9 @@ class PlainReporter:
     def begin(self, total: int, dry_run: bool) -> None:
         self.total = total
 
-    def step_started(self, step: Step, reasons: list[str]) -> None:
+    def step_started(self, step: Step, reasons: list[Reason]) -> None:
         if not self.only_failures:
-            print(f"[{self.done + 1}/{self.total}] running {step.label}: {'; '.join(reasons)}",
+            print(f"[{self.done + 1}/{self.total}] running {step.label}: {reasons_text(reasons)}",
                   file=self.stream, flush=True)
         self._last_progress = time.monotonic()
 
@@ -81,7 +113,7 @@ class RichReporter:
         self.progress.start()
         self.task = self.progress.add_task("planning", total=total)
 
-    def step_started(self, step: Step, reasons: list[str]) -> None:
+    def step_started(self, step: Step, reasons: list[Reason]) -> None:
         self.progress.update(self.task, description=f"{step.label}")
 
     def step_progress(self, step: Step, text: str) -> None:

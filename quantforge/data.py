@@ -9,6 +9,7 @@ Sources, as written in targets.yaml:
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,14 +86,32 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def text_identity(dataset: str, base_dir: Path, memo: Callable[[str, Callable[[], str]], str]
-                  ) -> tuple[str, str | None]:
-    """(spec, digest) naming a text in a step's parameters: local text by its content, a Hub dataset by its spec
-    (reading it would mean downloading it). File paths become absolute, so a spec means one thing everywhere."""
-    source = resolve_paths(parse_text_source(dataset), base_dir)
+def portable_path(written: str) -> str:
+    """A path as a cache key holds it: as written in the targets file (relative to it, absolute, or ~/...),
+    normalized but never resolved against this machine's folders, so the same targets file gives the same keys in
+    any checkout, for any user."""
+    return Path(os.path.normpath(written)).as_posix()
+
+
+@dataclass(frozen=True)
+class TextIdentity:
+    """A text as a step names it. `spec` and `digest` go in the key: local files by their paths as written and
+    their content, a Hub dataset by its spec (reading it would mean downloading it). `local` is the spec with
+    absolute paths, for the run function (Step.local): it differs between machines and is not keyed."""
+
+    spec: str
+    digest: str | None
+    local: str
+
+
+def text_identity(dataset: str, base_dir: Path, memo: Callable[[str, Callable[[], str]], str]) -> TextIdentity:
+    parsed = parse_text_source(dataset)
+    source = resolve_paths(parsed, base_dir)
     digest = None if source.kind == "hf" else memo(f"text:{source}", lambda: text_digest(load_text(source)))
-    spec = dataset if source.kind != "file" else "file:" + ",".join(source.paths)
-    return spec, digest
+    if source.kind != "file":
+        return TextIdentity(dataset, digest, dataset)
+    return TextIdentity("file:" + ",".join(portable_path(p) for p in parsed.paths), digest,
+                        "file:" + ",".join(source.paths))
 
 
 def cut_windows(ids: list[int], ctx: int, chunks: int, bos_id: int | None) -> np.ndarray:

@@ -1,19 +1,29 @@
-"""`quantforge doctor`: what this machine offers a build, and what is missing."""
+"""`quantforge doctor`: what this machine offers a build, which parts will use a GPU, and what is missing."""
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+import shutil
 import subprocess
 import sys
 from importlib import metadata
+from importlib.util import find_spec
 from typing import Any
 
 from . import __version__
 from .errors import ToolchainError
+from .figures import format_size
 from .toolchains import llamacpp
+from .toolchains.device import nvidia_driver_present
+from .toolchains.memory import host_memory
 
 _PACKAGES = ("llama-cpp-python", "torch", "transformers", "gptqmodel", "optimum", "huggingface_hub", "gguf",
-             "safetensors", "sentencepiece")
+             "safetensors", "sentencepiece", "psutil")
+# libllama in its own process: a broken build must not take doctor down with it
+_LIBLLAMA_PROBE = ("import json, llama_cpp; print(json.dumps({'system': llama_cpp.llama_print_system_info().decode()"
+                   ".strip(), 'gpu_offload': bool(llama_cpp.llama_supports_gpu_offload())}))")
 
 
 def collect(llama_cpp_dir: str | None = None) -> dict[str, Any]:
@@ -33,17 +43,59 @@ def collect(llama_cpp_dir: str | None = None) -> dict[str, Any]:
                                                             else " (downloaded on first build)")
     except ToolchainError as exc:
         problems.append(str(exc))
-    probe = subprocess.run([sys.executable, "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info()"
-                            ".decode().strip())"], capture_output=True, text=True)
-    info["llama.cpp system"] = probe.stdout.strip() if probe.returncode == 0 else "cannot load libllama"
-    if probe.returncode != 0:
+    probe = subprocess.run([sys.executable, "-c", _LIBLLAMA_PROBE], capture_output=True, text=True)
+    libllama: dict[str, Any] = {}
+    if probe.returncode == 0:
+        libllama = json.loads(probe.stdout.strip().splitlines()[-1])
+        info["llama.cpp system"] = libllama["system"]
+    else:
+        info["llama.cpp system"] = "cannot load libllama"
         problems.append("libllama does not load: " + (probe.stderr.strip().splitlines() or ["?"])[-1])
-    try:
-        import torch
-
-        info["gpu"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-                       else "none (CPU only: calibration works, slowly; GPTQ/AWQ of a 7B model take hours)")
-    except ImportError:
-        info["gpu"] = "unknown (torch missing)"
+    memory = host_memory()
+    info["memory"] = f"{format_size(memory.total)} RAM, {memory.describe()}"
+    info.update(gpu_report(libllama.get("gpu_offload")))
     info["problems"] = "; ".join(problems) or "none"
     return info
+
+
+def gpu_report(libllama_offload: bool | None) -> dict[str, str]:
+    """Which parts of a build will use the GPU, and what is missing for the others."""
+    try:
+        import torch
+    except ImportError:
+        return {"gpu": "unknown (torch missing)"}
+    driver = nvidia_driver_present()
+    if not torch.cuda.is_available():
+        out = {"gpu": "none: every step runs on the CPU (GPTQ/AWQ of a 7B model take hours; the torch reference "
+                      "and importance matrix stream big models layer by layer)"}
+        if driver:  # an NVIDIA driver but a torch that cannot use it: the usual mistake on a GPU box
+            out["gpu missing"] = (f"an NVIDIA driver is loaded but torch {torch.__version__} has no CUDA "
+                                  "(install the CUDA torch wheel: README, Big models)")
+        return out
+    free, total = torch.cuda.mem_get_info(0)
+    uses = ["torch reference and importance matrix (bf16)"]
+    missing = []
+    if libllama_offload:
+        uses.append("GGUF verification and evaluation (all layers offloaded)")
+    else:
+        missing.append("llama-cpp-python built without GPU offload (reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\")")
+    if find_spec("gptqmodel") is None:
+        missing.append("gptqmodel is not installed")
+    else:
+        nvcc = _nvcc()
+        uses.append("GPTQ/AWQ calibration (GPTQModel)")
+        if nvcc is None or find_spec("ninja") is None:
+            missing.append("GPTQModel compiles its CUDA kernels (Marlin, ExLlama) on first use and needs nvcc and "
+                           "ninja: install the CUDA toolkit (CUDA_HOME) and ninja, or checkpoints load on slower "
+                           "torch kernels")
+    return {"gpu": f"{torch.cuda.get_device_name(0)} ({format_size(free)} free of {format_size(total)}; torch "
+                   f"{torch.__version__}, CUDA {torch.version.cuda})",
+            "gpu used by": "; ".join(uses) + "; GGUF conversion and quantization run on the CPU",
+            "gpu missing": "; ".join(missing) or "nothing"}
+
+
+def _nvcc() -> str | None:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")

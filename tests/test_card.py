@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from huggingface_hub import ModelCard
 
-from quantforge.card import render_gguf_card
-from quantforge.engine import StepOutput
+from quantforge.core.step import StepOutput
+from quantforge.formats.gguf import render_gguf_card
 
 SHA = "a" * 40
 
@@ -44,6 +44,9 @@ def test_card_for_a_hub_source(tmp_path):
            "0.0200 | 96.0% | 3 tensors fell back |" in text
     assert "at commit `" + SHA + "`" in text and "[org/tiny](https://huggingface.co/org/tiny)" in text
     assert "llama-cli -hf acme/tiny-GGUF:Q4_K_M" in text and "ollama run hf.co/acme/tiny-GGUF:Q4_K_M" in text
+    assert "lms get https://huggingface.co/acme/tiny-GGUF@Q4_K_M" in text
+    assert 'hf download acme/tiny-GGUF --include "*-Q4_K_M.gguf" --local-dir .' in text
+    assert "| ⭐ | [tiny-Q4_K_M.gguf](./tiny-Q4_K_M.gguf) |" in text  # the recommended default, marked
     assert "```jinja\n{{ messages }}\n```" in text  # the prompt format, verbatim
     assert "3× q4_K→q5_0" in text
     assert "A small model." in text  # the source card is quoted, not dropped

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from quantforge.config import load_targets
 from quantforge.errors import ConfigError
+from quantforge.pipeline import load_targets
 
 VALID = """
 defaults:

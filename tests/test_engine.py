@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from engine_steps import make_plan, register
 
-from quantforge.console import PlainReporter
-from quantforge.engine import BuildOptions, run_plan
+from quantforge.console import PlainReporter, reasons_text
+from quantforge.core.engine import run_plan
+from quantforge.core.step import BuildOptions
 from quantforge.errors import WorkDirLocked
 from quantforge.store import WorkDir
 
@@ -48,8 +49,8 @@ def test_param_change_reruns_exactly_the_dependents(tmp_path, runs):
     build(tmp_path)
     report = build(tmp_path, n=2)
     assert len(runs()) == 8
-    assert report.results[0].reasons == ["params.n: 1 -> 2"]
-    assert report.results[1].reasons == ["input a changed"]
+    assert reasons_text(report.results[0].reasons) == "params.n: 1 -> 2"
+    assert reasons_text(report.results[1].reasons) == "input a changed"
     out = WorkDir(tmp_path / "work")
     second = report.results[1]
     assert (Path(second.output_dir) / "b.txt").read_text() == "A2B"
@@ -71,7 +72,7 @@ def test_failure_stops_the_build_unless_keep_going(tmp_path, runs):
 def test_dry_run_runs_nothing(tmp_path, runs):
     report = build(tmp_path, dry_run=True)
     assert set(statuses(report).values()) == {"would-build"} and runs() == []
-    assert report.results[0].reasons == ["never built"]
+    assert reasons_text(report.results[0].reasons) == "never built"
 
 
 def test_deleted_intermediate_is_not_rebuilt_when_its_dependents_are_cached(tmp_path, runs):
@@ -116,8 +117,9 @@ def test_a_second_build_on_the_same_work_dir_is_refused(tmp_path, runs):
 
 def test_two_labels_with_one_key_build_once(tmp_path, runs):
     """Two models with the same source share steps by key: the second label reuses what the first built."""
-    from quantforge.config import Targets
-    from quantforge.plan import Plan, Step, topological
+    from quantforge.config.schema import Targets
+    from quantforge.core.plan import Plan, topological
+    from quantforge.core.step import Step
 
     a1 = Step("test.first", "m1:first", {"n": 1, "chain": 0, "fail": False}, model="m1")
     a2 = Step("test.first", "m2:first", {"n": 1, "chain": 0, "fail": False}, model="m2")

@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 
 from quantforge import metrics
-from quantforge.config import EvaluationSettings
+from quantforge.config.schema import EvaluationSettings
+from quantforge.core.step import Step, StepContext, StepOutput
 from quantforge.data import cut_windows, load_text, parse_text_source, resolve_paths
-from quantforge.engine import StepContext, StepOutput
-from quantforge.errors import BadInputError
-from quantforge.evaluate import GateFailed, gate_step, run_gate
-from quantforge.plan import Step
+from quantforge.errors import BadInputError, GateFailed
+from quantforge.steps.gate import gate_step, run_gate
 
 
 @pytest.mark.parametrize(("spec", "kind"), [("builtin", "builtin"), ("file:a.txt,b.txt", "file"),

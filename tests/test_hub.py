@@ -50,14 +50,14 @@ def test_first_push_creates_the_repo_in_one_commit(hub, repo_files):
     assert repo.private and len(repo.commits) == 1 and repo.commits[0]["summary"] == "quantforge: m"
     assert set(repo.files) == {"model-Q4_K_M.gguf", "model-Q8_0.gguf", "README.md", "quantforge.json"}
     assert repo.files["model-Q8_0.gguf"]["lfs"] and not repo.files["README.md"]["lfs"]
-    assert sorted(result["uploaded"]) == sorted(repo.files) and result["commit"] == repo.commits[0]["oid"]
+    assert sorted(result.uploaded) == sorted(repo.files) and result.commit == repo.commits[0]["oid"]
 
 
 def test_identical_push_makes_no_commit(hub, repo_files):
     publisher(hub).publish("acme/m-GGUF", repo_files(), private=False, message="one")
     puts = len(hub.uploads())
     again = publisher(hub).publish("acme/m-GGUF", repo_files(), private=False, message="two")
-    assert again["uploaded"] == [] and again["commit"] is None
+    assert again.uploaded == [] and again.commit is None
     assert len(hub.repos["acme/m-GGUF"].commits) == 1 and len(hub.uploads()) == puts
     assert len([r for r in hub.requests if "/commit/" in r[1]]) == 1  # the second push did not even try
 
@@ -67,7 +67,7 @@ def test_changed_artifact_makes_one_commit_uploading_only_it(hub, repo_files):
     puts = len(hub.uploads())
     result = publisher(hub).publish("acme/m-GGUF", repo_files(**{"model-Q8_0.gguf": b"GGUF" + b"\x02" * 9000}),
                                     private=False, message="two")
-    assert result["uploaded"] == ["model-Q8_0.gguf"]
+    assert result.uploaded == ["model-Q8_0.gguf"]
     commits = hub.repos["acme/m-GGUF"].commits
     assert len(commits) == 2 and commits[1]["files"] == ["model-Q8_0.gguf"]
     assert len(hub.uploads()) == puts + 1
@@ -79,7 +79,7 @@ def test_changed_artifact_makes_one_commit_uploading_only_it(hub, repo_files):
 def test_transient_failures_are_retried(hub, repo_files, method, fragment, action):
     hub.fail(method, fragment, action, times=2)
     result = publisher(hub).publish("acme/m-GGUF", repo_files(), private=False, message="one")
-    assert result["commit"] and len(hub.repos["acme/m-GGUF"].commits) == 1
+    assert result.commit and len(hub.repos["acme/m-GGUF"].commits) == 1
     assert len(hub.repos["acme/m-GGUF"].files) == 4
 
 
@@ -116,3 +116,11 @@ def test_the_token_is_sent_but_never_logged(hub, repo_files, caplog, capsys):
     out = capsys.readouterr()
     assert TOKEN not in caplog.text + out.out + out.err + str(info.value)
     assert "retrying" in caplog.text  # the retries were logged, without the token
+
+
+def test_a_refused_token_is_named_as_such(repo_files):
+    with HubServer(accept_token="right") as server:
+        wrong = HubPublisher(endpoint=server.url, token="wrong", backoff_seconds=0.01)
+        with pytest.raises(PublishError, match="refused the token"):
+            wrong.publish("acme/m-GGUF", repo_files(), private=False, message="m")
+        assert "acme/m-GGUF" not in server.repos

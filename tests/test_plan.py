@@ -6,10 +6,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from quantforge.config import load_targets
+from quantforge.console import reasons_text
+from quantforge.core.staleness import stale_reasons
+from quantforge.core.step import PlanContext, Step
 from quantforge.errors import SourceError
-from quantforge.plan import PlanContext, Step, build_plan, stale_reasons
-from quantforge.sources import resolve_hub_revision
+from quantforge.pipeline import build_plan, load_targets
+from quantforge.steps.source import resolve_hub_revision
 from quantforge.store import WorkDir
 from quantforge.toolchains import llamacpp
 
@@ -138,17 +140,18 @@ def test_golden_step_key():
     """Changing how keys are computed silently rebuilds every user's cache: make it a deliberate change."""
     step = Step("gguf.quantize", "m/gguf/Q8_0:quantize", {"type": "Q8_0", "file": "m-Q8_0.gguf"},
                 tools={"libllama": "0.3.36"})
-    assert step.key == "b194406b17b72f0f32f5ca1656beb15fba8b5bf79a2573f896ef9b3b7108b043"
+    # gguf.quantize version 2: it writes provenance keys into the file (formats/gguf_release.py)
+    assert step.key == "b17a1ff41233a23fcec4ed15877d3e57ca55d5334af14f12e0d0ccac160a6a19"
 
 
 def test_stale_reasons_name_what_changed(tmp_path):
     work = WorkDir(tmp_path / "work")
     old = Step("gguf.quantize", "m/gguf/Q8_0:quantize", {"type": "Q8_0"}, tools={"libllama": "0.3.36"})
-    assert stale_reasons(old, work) == ["never built"]
+    assert reasons_text(stale_reasons(old, work)) == "never built"
     work.record_state(old.label, {**old.fingerprint(), "key": old.key})
-    assert stale_reasons(old, work) == ["output missing from the work dir"]
+    assert reasons_text(stale_reasons(old, work)) == "output missing from the work dir"
     new = Step("gguf.quantize", "m/gguf/Q8_0:quantize", {"type": "Q8_0"}, tools={"libllama": "0.3.37"})
-    assert stale_reasons(new, work) == ["tools.libllama: 0.3.36 -> 0.3.37"]
+    assert reasons_text(stale_reasons(new, work)) == "tools.libllama: 0.3.36 -> 0.3.37"
 
 
 # ------------------------------------------------------------------ Hub revision resolution, on loopback

@@ -1,19 +1,45 @@
 """AWQ through GPTQModel, written as GEMM (`quant_method: awq`, `version: gemm`, fp16 scales, zero points),
 the layout transformers, vLLM and TGI read. The steps are those of every GPTQModel checkpoint
-(formats/checkpoint.py)."""
+(steps/checkpoint.py); the settings are declared once, here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any, Literal
 
-from ..config import AWQTarget, ModelTarget
-from ..evaluate import EvalSteps
-from ..plan import PlanContext, Step
-from . import PlannedFormat
-from .checkpoint import plan_checkpoint
+from pydantic import field_validator
+
+from ..config.schema import CalibratedSettings
+from ..core.formats import register_format
+from ..steps import checkpoint
 
 
-def plan(model: ModelTarget, target: AWQTarget, source: Step, evaluation: EvalSteps, context: PlanContext,
-         calibration: Callable[..., Step]) -> PlannedFormat:
-    settings = {"bits": target.bits, "group_size": target.group_size, "zero_point": target.zero_point}
-    return plan_checkpoint("awq", settings, model, target, source, evaluation, context, calibration)
+class AWQSettings(CalibratedSettings):
+    """`formats.awq`: AWQ through GPTQModel, written as GEMM (the layout vLLM, TGI and transformers read)."""
+
+    format_name = "awq"
+
+    bits: Literal[4] = 4  # the GEMM kernels are 4-bit only
+    zero_point: bool = True
+
+    @field_validator("group_size")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value == -1:
+            raise ValueError("AWQ needs groups: use 32, 64 or 128")
+        return value
+
+    def gptqmodel_config(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "method": "awq", "format": "gemm",
+                "sym": not self.zero_point}
+
+    def card_settings(self) -> list[str]:
+        return [f"{self.bits}-bit", f"group size {self.group_size}", f"zero point {str(self.zero_point).lower()}",
+                "GEMM"]
+
+
+class AWQ(checkpoint.CheckpointFormat):
+    name = "awq"
+    settings = AWQSettings
+
+
+FORMAT = register_format(AWQ())

@@ -3,6 +3,7 @@ file in the llama.cpp runtime before it may be published.
 
     source ─► gguf.convert ─► gguf.quantize[type] ─► gguf.verify[type] ─► gguf.evaluate[type] ─► gate ─► publish
     source ─► calibration ─► gguf.imatrix ─┘   (with `imatrix: true`; one matrix for every type)
+                                        └──► gguf.imatrix_file ────────────────────────────────────────► publish
 
 verify: llama.cpp loads the file and greedily generates; evaluate: perplexity, KL divergence and top-1
 agreement against the source model on the harness's windows, the GGUF's own tokenizer against the source's,
@@ -11,86 +12,166 @@ and the chat template; gate: the limits those must meet before the file may be p
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any, Literal
 
-from ..calibrate import IMATRIX_FILE, imatrix_step
-from ..config import GGUFTarget, ModelTarget
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+
+from ..card import public_text_name, release_info
+from ..config.schema import FormatSettings, ModelTarget
+from ..core.formats import (
+    AdhocArtifact,
+    CardInputs,
+    EvalSteps,
+    PlannedFormat,
+    Publishable,
+    PublishedArtifact,
+    RepoFile,
+    register_format,
+)
+from ..core.registry import step_kind
+from ..core.step import PlanContext, Step, StepContext, StepOutput
 from ..errors import VerificationError
-from ..evaluate import REFERENCE_FILE, SAMPLE_FILE, WINDOWS_FILE, EvalSteps, gate_step
-from ..gguf_types import DEFAULT_MAX_PPL_INCREASE, IMATRIX_UNUSED
-from ..plan import PlanContext, Step
-from ..toolchains import llamacpp
-from . import PlannedFormat
+from ..gguf_types import DEFAULT_MAX_PPL_INCREASE_BY_TYPE, GGUF_TYPES, IMATRIX_UNUSED, INTERMEDIATE_TYPES, NEEDS_IMATRIX
+from ..steps.calibration import IMATRIX_FILE, imatrix_step
+from ..steps.evaluation import REFERENCE_FILE, SAMPLE_FILE, VERIFY_PROMPT, VERIFY_TOKENS, WINDOWS_FILE
+from ..steps.gate import gate_step
+from ..store import sha256_file
+from ..toolchains import imatrix_gguf, llamacpp
+from ..toolchains.gguf_split import split_gguf
+from . import gguf_release
+from .gguf_card import CARD_TEMPLATE, render_gguf_card
+from .gguf_release import IMATRIX_FILE_KIND, imatrix_file_name
 
-if TYPE_CHECKING:
-    from ..engine import StepContext, StepOutput
+__all__ = ["CARD_TEMPLATE", "FORMAT", "GGUFSettings", "artifact_name", "plan", "render_gguf_card"]
 
 INTERMEDIATE_FILE = "intermediate.gguf"
-VERIFY_PROMPT = "The capital of France is"
-VERIFY_TOKENS = 8
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+GGUFType = Annotated[Literal[tuple(GGUF_TYPES)], BeforeValidator(_upper)]  # type: ignore[valid-type]
+
+
+class GGUFSettings(FormatSettings):
+    """`formats.gguf`: which llama.cpp types to produce."""
+
+    format_name = "gguf"
+
+    types: list[GGUFType] = Field(default_factory=lambda: ["Q4_K_M", "Q8_0"], min_length=1)
+    intermediate: Literal[INTERMEDIATE_TYPES] = "auto"  # type: ignore[valid-type]
+    # an importance matrix from the model-level `calibration` text weights the quantization error per column
+    imatrix: bool = False
+
+    @field_validator("types")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        dupes = sorted({t for t in value if value.count(t) > 1})
+        if dupes:
+            raise ValueError(f"listed more than once: {', '.join(dupes)}")
+        return value
+
+    @model_validator(mode="after")
+    def _imatrix_for_lowest_bits(self) -> GGUFSettings:
+        needs = [t for t in self.types if t in NEEDS_IMATRIX]
+        if needs and not self.imatrix:
+            raise ValueError(f"{', '.join(needs)} need{'s' if len(needs) == 1 else ''} an importance matrix: "
+                             "add imatrix: true")
+        return self
+
+    def artifact_count(self) -> int:
+        return len(self.types)
+
+    @classmethod
+    def gate_type(cls, key: str, qtype: str) -> str:
+        """A gate key's type part (`gguf/q4_k_m`), normalized; ValueError naming the closest type."""
+        if qtype.upper() not in GGUF_TYPES:
+            close = difflib.get_close_matches(qtype.upper(), list(GGUF_TYPES), n=1)
+            raise ValueError(f"{key!r}: unknown GGUF type" + (f"; did you mean {close[0]!r}?" if close else ""))
+        return qtype.upper()
 
 
 def artifact_name(model: str, gguf_type: str) -> str:
     return f"{model}-{gguf_type}.gguf"
 
 
-def plan(model: ModelTarget, target: GGUFTarget, source: Step, evaluation: EvalSteps,
+def plan(model: ModelTarget, target: GGUFSettings, source: Step, evaluation: EvalSteps,
          context: PlanContext, calibration: Callable[..., Step]) -> PlannedFormat:
     converter = context.memo("converter", lambda: llamacpp.converter_version(context.llama_cpp_dir))
     libllama = context.memo("libllama", llamacpp.llama_cpp_version)
     out = PlannedFormat()
+    release = release_info(model)
     convert = Step(kind="gguf.convert", label=f"{model.name}/gguf:convert",
-                   params={"outtype": target.intermediate}, inputs={"source": source},
-                   tools={"converter": converter}, model=model.name, fmt="gguf")
+                   params={"outtype": target.intermediate,
+                           "metadata": gguf_release.convert_metadata(model, release)},
+                   inputs={"source": source}, tools={"converter": converter}, model=model.name, fmt="gguf")
     out.steps.append(convert)
-    imatrix = None
+    imatrix: Step | None = None
+    matrix_kv: tuple[str, str, int] | None = None  # what quantize.imatrix.* say: file, dataset, chunks
     if target.imatrix and any(t not in IMATRIX_UNUSED for t in target.types):
-        imatrix = imatrix_step(model, source, calibration())
-        out.steps.append(imatrix)
+        calib = calibration()
+        imatrix = imatrix_step(model, source, calib)
+        # the matrix as llama.cpp's tools write it, published beside the files and named inside each of them
+        dataset = public_text_name(calib.params["dataset"])
+        matrix_file = Step(kind=IMATRIX_FILE_KIND, label=f"{model.name}/gguf:imatrix-file",
+                           params={"file": imatrix_file_name(model.name), "dataset": dataset},
+                           inputs={"imatrix": imatrix, "intermediate": convert}, tools={"converter": converter},
+                           model=model.name, fmt="gguf")
+        matrix_kv = (matrix_file.params["file"], dataset, calib.params["samples"])
+        out.steps += [imatrix, matrix_file]
+        out.extras.append(matrix_file)
     for gguf_type in target.types:
         quantize_inputs = {"intermediate": convert}
-        if imatrix is not None and gguf_type not in IMATRIX_UNUSED:
+        weighted = imatrix is not None and gguf_type not in IMATRIX_UNUSED
+        if weighted:
             quantize_inputs["imatrix"] = imatrix
+        metadata = gguf_release.quantize_metadata(model, release, source, matrix_kv if weighted else None)
         quantize = Step(kind="gguf.quantize", label=f"{model.name}/gguf/{gguf_type}:quantize",
-                        params={"type": gguf_type, "file": artifact_name(model.name, gguf_type)},
+                        params={"type": gguf_type, "file": artifact_name(model.name, gguf_type),
+                                "metadata": metadata},
                         inputs=quantize_inputs, tools={"libllama": libllama},
-                        model=model.name, fmt="gguf")
+                        model=model.name, fmt="gguf", qtype=gguf_type)
         verify = Step(kind="gguf.verify", label=f"{model.name}/gguf/{gguf_type}:verify",
                       params={"prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS},
                       inputs={"artifact": quantize}, tools={"libllama": libllama},
-                      model=model.name, fmt="gguf")
+                      model=model.name, fmt="gguf", qtype=gguf_type)
         evaluate = evaluate_step(f"{model.name}/gguf/{gguf_type}:evaluate", quantize, evaluation, source, context,
-                                 model.name)
+                                 model.name, gguf_type)
         gate = gate_step(f"{model.name}/gguf/{gguf_type}:gate", "gguf", gguf_type, evaluate, verify,
-                         evaluation.settings, DEFAULT_MAX_PPL_INCREASE.get(gguf_type), context.enforce_gates,
-                         model.name)
+                         evaluation.settings, DEFAULT_MAX_PPL_INCREASE_BY_TYPE.get(gguf_type),
+                         context.enforce_gates, model.name)
         out.steps += [quantize, verify, evaluate, gate]
-        out.publishable[gguf_type] = (quantize, gate)
+        out.publishable.append(Publishable(gguf_type, quantize, gate))
     return out
 
 
 def evaluate_step(label: str, artifact: Step, evaluation: EvalSteps, source: Step, context: PlanContext,
-                  model: str = "") -> Step:
+                  model: str = "", qtype: str | None = None) -> Step:
     """Score `artifact` in llama.cpp on the model's evaluation windows (builds and `quantforge eval` alike)."""
     return Step(kind="gguf.evaluate", label=label, params={},
                 inputs={"artifact": artifact, "tokens": evaluation.tokens, "reference": evaluation.reference,
                         "source": source},
-                tools={"libllama": context.memo("libllama", llamacpp.llama_cpp_version)}, model=model, fmt="gguf")
+                tools={"libllama": context.memo("libllama", llamacpp.llama_cpp_version)}, model=model, fmt="gguf",
+                qtype=qtype)
 
 
+@step_kind("gguf.convert", version="2", evict=True)  # the F16 intermediate: read only by this build
 def run_convert(step: Step, ctx: StepContext) -> dict[str, Any]:
     source = ctx.inputs["source"]
     converter = llamacpp.provision_converter(ctx.options.llama_cpp_dir)
     out_file = ctx.out_dir / INTERMEDIATE_FILE
     llamacpp.convert(converter, Path(source.data["path"]), out_file, step.params["outtype"], ctx.log_path,
-                     step.model)
+                     step.model, metadata=step.params["metadata"])
     info = llamacpp.describe_gguf(out_file)
     info.pop("tensor_types")
     return {"converter": converter.version, **info}
 
 
+@step_kind("gguf.quantize", version="2", stage="artifact")
 def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
     intermediate = ctx.inputs["intermediate"].file(INTERMEDIATE_FILE)
     out_file = ctx.out_dir / step.params["file"]
@@ -99,8 +180,10 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
         # HF module names become GGUF tensor names through the converter's own name map
         converter = llamacpp.provision_converter(ctx.options.llama_cpp_dir)
         imatrix = (ctx.inputs["imatrix"].file(IMATRIX_FILE), converter.root / "gguf-py")
+    metadata = gguf_release.build_metadata(step.params["metadata"], step.tools["libllama"],
+                                           ctx.inputs["intermediate"].data.get("converter"))
     result = llamacpp.quantize(intermediate, out_file, step.params["type"], ctx.log_path, ctx.options.threads,
-                               imatrix=imatrix)
+                               imatrix=imatrix, kv_overrides=metadata)
     info = llamacpp.describe_gguf(out_file)
     if result.get("imatrix"):
         result["imatrix"]["calibration"] = ctx.inputs["imatrix"].data.get("calibration")
@@ -111,25 +194,48 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
         "converter": ctx.inputs["intermediate"].data.get("converter"),
         "size": out_file.stat().st_size,
         "quantize_seconds": result["seconds"],
+        "peak_rss_bytes": result.get("peak_rss_bytes"),  # the worker's process tree (toolchains/worker.py)
         # llama.cpp silently substitutes types for tensors whose rows do not fit a K-quant's 256-blocks
         "fallbacks": result["fallbacks"],
+        "metadata": result.get("kv_overrides"),  # the provenance keys written into the file
         **info,
     }
 
 
+@step_kind(IMATRIX_FILE_KIND, version="1", stage="extra")
+def run_imatrix_file(step: Step, ctx: StepContext) -> dict[str, Any]:
+    """The importance matrix in llama.cpp's imatrix GGUF format, under the converted model's tensor names."""
+    matrix = ctx.inputs["imatrix"]
+    calibration = matrix.data["calibration"]
+    converter = llamacpp.provision_converter(ctx.options.llama_cpp_dir)
+    out_file = ctx.out_dir / step.params["file"]
+    result = imatrix_gguf.export(matrix.file(IMATRIX_FILE), ctx.inputs["intermediate"].file(INTERMEDIATE_FILE),
+                                 out_file, converter.root / "gguf-py", ctx.log_path, tokens=matrix.data["tokens"],
+                                 chunk_size=calibration["seq_len"], chunk_count=calibration["samples"],
+                                 datasets=[step.params["dataset"]])
+    return {"file": out_file.name, "entries": result["entries"], "unmapped": result["unmapped"],
+            "chunks": calibration["samples"], "chunk_size": calibration["seq_len"], "tokens": matrix.data["tokens"],
+            "dataset": step.params["dataset"], "size": out_file.stat().st_size}
+
+
 def artifact_path(artifact: StepOutput) -> Path:
     """A built artifact lives in its step folder; an external one (quantforge eval FILE) where it is."""
-    return Path(artifact.data["path"]) if "path" in artifact.data else artifact.file(artifact.data["file"])
+    if artifact.manifest.get("kind") == "gguf.external":
+        return Path(artifact.params["path"])
+    return artifact.file(artifact.data["file"])
 
 
-def external_step(path: Path, context: PlanContext) -> Step:
-    """A GGUF made elsewhere, identified by its content, as the input of an ad-hoc evaluation."""
-    from ..store import sha256_file
-
+def adhoc(path: Path, source: Step, evaluation: EvalSteps, context: PlanContext) -> AdhocArtifact | None:
+    """`quantforge eval FILE.gguf`: a GGUF made elsewhere, identified by its content."""
+    if not (path.is_file() and path.suffix == ".gguf"):
+        return None
     digest = context.memo(f"file:{path}", lambda: sha256_file(path))
-    return Step(kind="gguf.external", label=f"{path.name}:artifact", params={"path": str(path), "sha256": digest})
+    artifact = Step(kind="gguf.external", label=f"{path.name}:artifact", params={"path": str(path), "sha256": digest})
+    return AdhocArtifact("gguf", artifact, evaluate_step(f"{path.name}:evaluate", artifact, evaluation, source,
+                                                         context))
 
 
+@step_kind("gguf.external", version="1", stage="artifact")
 def run_external(step: Step, ctx: StepContext) -> dict[str, Any]:
     path = Path(step.params["path"])
     info = llamacpp.describe_gguf(path)
@@ -137,6 +243,7 @@ def run_external(step: Step, ctx: StepContext) -> dict[str, Any]:
     return {"file": path.name, "path": str(path), "size": path.stat().st_size, **info}
 
 
+@step_kind("gguf.verify", version="1", stage="verify")
 def run_verify(step: Step, ctx: StepContext) -> dict[str, Any]:
     artifact = ctx.inputs["artifact"]
     gguf_file = artifact_path(artifact)
@@ -147,6 +254,7 @@ def run_verify(step: Step, ctx: StepContext) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "ok"}
 
 
+@step_kind("gguf.evaluate", version="1", stage="evaluate")
 def run_evaluate(step: Step, ctx: StepContext) -> dict[str, Any]:
     artifact = ctx.inputs["artifact"]
     tokens = ctx.inputs["tokens"]
@@ -157,3 +265,43 @@ def run_evaluate(step: Step, ctx: StepContext) -> dict[str, Any]:
     result["chat_template"] = artifact.data.get("has_chat_template", False)
     result["chat_template_missing"] = bool(source_has_template and not result["chat_template"])
     return result
+
+
+# ------------------------------------------------------------------------------------------------ publishing
+
+def published_files(output: StepOutput, scratch: Path, max_file_size: int) -> PublishedArtifact:
+    """The GGUF file, or llama.cpp split shards of it when it is over the size limit."""
+    file = output.data["file"]
+    meta = output.files()[file]
+    if meta["size"] <= max_file_size:
+        return PublishedArtifact({file: (output.file(file), meta["sha256"])}, sha256=meta["sha256"])
+    parts = split_gguf(output.file(file), scratch, max_file_size)
+    return PublishedArtifact({p.name: (p, sha256_file(p)) for p in parts}, sha256=meta["sha256"],
+                             shards=tuple(p.name for p in parts))
+
+
+class GGUF:
+    name = "gguf"
+    settings = GGUFSettings
+    card_template = CARD_TEMPLATE
+    plan = staticmethod(plan)
+    adhoc = staticmethod(adhoc)
+
+    @staticmethod
+    def published_files(output: StepOutput, scratch: Path, max_file_size: int) -> PublishedArtifact:
+        return published_files(output, scratch, max_file_size)
+
+    @staticmethod
+    def render_card(card: CardInputs) -> str:
+        return render_gguf_card(repo_id=card.repo_id, model=card.model, namespace=card.namespace,
+                                source=card.source, tokens=card.tokens,
+                                artifacts={a.name: (a.output, a.gate) for a in card.artifacts},
+                                shards={a.name: list(a.shards) for a in card.artifacts if a.shards},
+                                release=card.release, extras=card.extras)
+
+    @staticmethod
+    def repo_files(card: CardInputs, scratch: Path) -> tuple[RepoFile, ...]:
+        return gguf_release.repo_files(card, scratch)
+
+
+FORMAT = register_format(GGUF())

@@ -1,20 +1,41 @@
 """GPTQ through GPTQModel, written in the classic (v1) checkpoint format: `quant_method: gptq`,
 `checkpoint_format: gptq`, and a `quantize_config.json` beside `config.json`, which transformers, vLLM and TGI
-all read. The steps are those of every GPTQModel checkpoint (formats/checkpoint.py)."""
+all read. The steps are those of every GPTQModel checkpoint (steps/checkpoint.py); the settings are declared
+once, here, and give the step's parameters, GPTQModel's arguments and the card's description."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any, Literal
 
-from ..config import GPTQTarget, ModelTarget
-from ..evaluate import EvalSteps
-from ..plan import PlanContext, Step
-from . import PlannedFormat
-from .checkpoint import plan_checkpoint
+from pydantic import Field
+
+from ..config.schema import CalibratedSettings
+from ..core.formats import register_format
+from ..steps import checkpoint
 
 
-def plan(model: ModelTarget, target: GPTQTarget, source: Step, evaluation: EvalSteps, context: PlanContext,
-         calibration: Callable[..., Step]) -> PlannedFormat:
-    settings = {"bits": target.bits, "group_size": target.group_size, "desc_act": target.desc_act,
-                "sym": target.sym, "damp": target.damp}
-    return plan_checkpoint("gptq", settings, model, target, source, evaluation, context, calibration)
+class GPTQSettings(CalibratedSettings):
+    """`formats.gptq`: GPTQ through GPTQModel, written in the classic (v1) checkpoint format."""
+
+    format_name = "gptq"
+
+    bits: Literal[2, 3, 4, 8] = 4
+    desc_act: bool = False
+    sym: bool = True
+    damp: float = Field(0.01, gt=0, lt=1)  # dampening added to the Hessian diagonal, as a fraction of its mean
+
+    def gptqmodel_config(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "desc_act": self.desc_act, "sym": self.sym,
+                "damp_percent": self.damp}
+
+    def card_settings(self) -> list[str]:
+        return [f"{self.bits}-bit", f"group size {self.group_size}", f"desc_act {str(self.desc_act).lower()}",
+                f"sym {str(self.sym).lower()}", f"damp {self.damp}"]
+
+
+class GPTQ(checkpoint.CheckpointFormat):
+    name = "gptq"
+    settings = GPTQSettings
+
+
+FORMAT = register_format(GPTQ())

@@ -4,42 +4,64 @@
     dir:PATH   a folder laid out like Hub repos: PATH/<namespace>/<repo>/...   (publish/localdir.py)
 
 A publisher gets the repo id and the files (name -> local path, with sha256) and makes the destination hold
-exactly those bytes, skipping files already there with the same hash.
+exactly those bytes, skipping files already there with the same hash. Which files an artifact puts in its repo,
+and what its card says, the artifact's format decides (looked up in the format registry, never imported here).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from .. import __version__
-from ..card import CARD_FILE, card_template_version
-
-__all__ = ["CARD_FILE", "REPO_MANIFEST", "Publisher", "publish_step", "render_card", "run_publish"]
-from ..config import ModelTarget, Targets
+from ..card import CARD_FILE, card_template_version, public_text_name, release_info, repo_id, source_card
+from ..config.schema import ModelTarget, Targets, is_local_source
+from ..core.formats import BuiltArtifact, CardInputs, Publishable, ReleaseInfo, format_named
+from ..core.registry import kind_info, step_kind
+from ..core.staleness import upstream_keys
+from ..core.step import Published, Reason, Step, StepContext, StepOutput
+from ..data import portable_path
 from ..errors import PublishError
-from ..plan import Step
 from ..store import sha256_file
-from ..toolchains.gguf_split import parse_size, split_gguf
+from ..toolchains.gguf_split import parse_size
+from ..toolchains.llamacpp import cache_root
 
-if TYPE_CHECKING:
-    from ..engine import StepContext, StepOutput
+__all__ = ["CARD_FILE", "REPO_MANIFEST", "PublishResult", "Publisher", "publish_step", "release_warnings",
+           "render_card", "run_publish"]
 
 log = logging.getLogger(__name__)
 
 REPO_MANIFEST = "quantforge.json"  # source commit, parameters, metrics, file hashes: the basis for skip-unchanged
 
 
+@dataclass(frozen=True)
+class PublishResult:
+    """What a publisher did: where the repo is, which files it sent and which it found already there."""
+
+    location: str
+    uploaded: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    commit: str | None = None  # the Hub commit made, when one was
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class Publisher(Protocol):
     def publish(self, repo_id: str, files: dict[str, tuple[Path, str]], *, private: bool,
-                message: str) -> dict[str, Any]:
-        """Make the repo hold `files` (name -> (path, sha256)); return what was uploaded and what was kept."""
+                message: str) -> PublishResult:
+        """Make the repo hold `files` (name -> (path, sha256))."""
         ...
 
     def missing(self, repo_id: str, files: dict[str, str]) -> list[str]:
         """Names of `files` (name -> sha256) the destination does not hold with that hash."""
+        ...
+
+    def read_manifest(self, repo_id: str) -> dict[str, Any] | None:
+        """The repo's quantforge.json, in one request; None when the repo or the file does not exist."""
         ...
 
 
@@ -56,102 +78,222 @@ def publisher_for(to: str) -> Publisher:
     raise ValueError(f"unknown publisher {to!r}")  # the schema rejects these first
 
 
-def publish_step(model: ModelTarget, fmt: str, publishable: dict[str, tuple[Step, Step]], source: Step,
-                 tokens: Step, targets: Targets) -> Step:
-    to = model.publish.to
+def publish_step(model: ModelTarget, fmt: str, publishable: list[Publishable], source: Step, tokens: Step,
+                 targets: Targets, extras: list[Step] | tuple[Step, ...] = ()) -> Step:
+    """extras: the format's steps whose files the repo holds once (PlannedFormat.extras)."""
+    to = local_to = model.publish.to
     if to.startswith("dir:"):
-        to = f"dir:{targets.resolve_path(to[4:])}"
+        # the key holds the folder as written (relative to the targets file); the run uses it resolved here
+        to, local_to = f"dir:{portable_path(to[4:])}", f"dir:{targets.resolve_path(to[4:])}"
     inputs: dict[str, Step] = {}
-    for name, (artifact, check) in publishable.items():
-        inputs[f"artifact:{name}"] = artifact
-        inputs[f"check:{name}"] = check
+    for item in publishable:
+        inputs[f"artifact:{item.name}"] = item.artifact
+        inputs[f"check:{item.name}"] = item.gate
+    for extra in extras:
+        inputs[f"extra:{extra.kind}"] = extra
     inputs["source"] = source
     inputs["tokens"] = tokens  # the evaluation's text and windows, described in the card
+    # the model tree, the licence and the model's other repos from this build: the cards link them
+    release = replace(release_info(model), siblings=tuple((other, repo_id(model, other))
+                                                          for other in model.formats.enabled() if other != fmt))
     return Step(kind="publish", label=f"{model.name}/{fmt}:publish",
-                params={"to": to, "repo_id": f"{model.publish.namespace}/{model.publish.repo_name(model.name, fmt)}",
+                params={"to": to, "repo_id": repo_id(model, fmt),
                         "private": model.publish.private, "format": fmt, "namespace": model.publish.namespace,
-                        "max_file_size": parse_size(model.publish.max_file_size)},
-                inputs=inputs, tools={"card-template": card_template_version(fmt)}, model=model.name, fmt=fmt)
+                        "max_file_size": parse_size(model.publish.max_file_size), "release": asdict(release)},
+                inputs=inputs, tools={"card-template": card_template_version(format_named(fmt).card_template)},
+                model=model.name, fmt=fmt, local={"to": local_to})
 
 
-def _artifacts(inputs: dict[str, StepOutput]) -> dict[str, tuple[StepOutput, StepOutput]]:
-    """name -> (the artifact's step output, its gate's output), from a publish step's inputs."""
-    return {role.split(":", 1)[1]: (out, inputs["check:" + role.split(":", 1)[1]])
-            for role, out in inputs.items() if role.startswith("artifact:")}
+def destination(step: Step) -> str:
+    """Where a publish step publishes on this machine: hub, or dir: with an absolute folder."""
+    return step.local.get("to", step.params["to"])
 
 
-def _artifact_files(artifacts: dict[str, tuple[StepOutput, StepOutput]], out_dir: Path, max_file_size: int
-                    ) -> tuple[dict[str, tuple[Path, str]], dict[str, list[str]]]:
-    """The files to publish, with any over the size limit split into llama.cpp shards; and the shard names."""
-    files: dict[str, tuple[Path, str]] = {}
-    shards: dict[str, list[str]] = {}
-    for name, (out, _) in artifacts.items():
-        if "dir" in out.data:  # a checkpoint folder (GPTQ, AWQ): its files go to the repo's root
-            prefix = out.data["dir"] + "/"
-            files.update({rel[len(prefix):]: (out.file(rel), meta["sha256"]) for rel, meta in out.files().items()
-                          if rel.startswith(prefix)})
-            continue
-        file = out.data["file"]
-        if out.files()[file]["size"] <= max_file_size:
-            files[file] = (out.file(file), out.files()[file]["sha256"])
-            continue
-        parts = split_gguf(out.file(file), out_dir, max_file_size)
-        shards[name] = [p.name for p in parts]
-        files.update({p.name: (p, sha256_file(p)) for p in parts})
-    return files, shards
+def built_artifacts(step: Step, inputs: dict[str, StepOutput]) -> list[tuple[Step, StepOutput, StepOutput]]:
+    """(artifact step, its output, its gate's output) for each artifact a publish step publishes, in order."""
+    gates = {(dep.fmt, dep.qtype): inputs[role] for role, dep in step.inputs.items()
+             if kind_info(dep.kind).stage == "gate"}
+    return [(dep, inputs[role], gates[(dep.fmt, dep.qtype)]) for role, dep in step.inputs.items()
+            if kind_info(dep.kind).stage == "artifact"]
 
 
+def built_extras(step: Step, inputs: dict[str, StepOutput]) -> tuple[StepOutput, ...]:
+    """The outputs of the format's extra steps (the files its repo holds once), in order."""
+    return tuple(inputs[role] for role, dep in step.inputs.items() if kind_info(dep.kind).stage == "extra")
+
+
+def _release(step: Step) -> ReleaseInfo:
+    release = dict(step.params.get("release") or {})
+    siblings = tuple((fmt, repo) for fmt, repo in release.pop("siblings", ()))
+    return ReleaseInfo(**release, siblings=siblings)
+
+
+def _artifact_name(artifact: Step) -> str:
+    return artifact.qtype or artifact.fmt
+
+
+@step_kind("publish", version="3", stage="publish",
+           check=lambda step, manifest: check_published(step, manifest),
+           published=lambda step: published_record(step))
 def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
     source = ctx.inputs["source"]
-    built = _artifacts(ctx.inputs)
-    artifacts: dict[str, dict[str, Any]] = {
-        name: {"artifact": {k: v for k, v in out.data.items() if k != "tensor_types"}, "check": gate.data,
-               **({"sha256": out.files()[out.data["file"]]["sha256"]} if "file" in out.data else {})}
-        for name, (out, gate) in built.items()}
+    fmt = format_named(step.params["format"])
+    built: list[BuiltArtifact] = []
+    artifacts: dict[str, dict[str, Any]] = {}
+    artifact_files: dict[str, tuple[Path, str]] = {}
+    for artifact, out, gate in built_artifacts(step, ctx.inputs):
+        name = _artifact_name(artifact)
+        files = fmt.published_files(out, ctx.out_dir, step.params["max_file_size"])
+        artifact_files.update(files.files)
+        built.append(BuiltArtifact(name, out, gate, files.shards))
+        artifacts[name] = {"artifact": public_data({k: v for k, v in out.data.items() if k != "tensor_types"}),
+                           "check": public_data(gate.data), **({"sha256": files.sha256} if files.sha256 else {}),
+                           **({"shards": list(files.shards)} if files.shards else {})}
+    card = _card_inputs(step, ctx.inputs, built)
+    repo_files = fmt.repo_files(card, ctx.out_dir)
+    release = {k: v for k, v in asdict(card.release).items() if v}
     manifest = {
         "quantforge": __version__,
         "model": step.model,
         "format": step.params["format"],
-        "source": {k: source.manifest["params"].get(k) for k in ("source", "commit", "digest")
-                   if source.manifest["params"].get(k)},
+        # a Hub source by its repo id and commit; a local one by its content digest alone (never its folder)
+        "source": {k: source.params[k] for k in ("commit", "digest") if source.params.get(k)}
+                  | ({"source": source.params["source"]} if "commit" in source.params else {}),
+        **({"release": release | {"siblings": dict(card.release.siblings)}} if release else {}),
         "artifacts": artifacts,
+        **({"repo_files": {f.name: {"sha256": f.sha256, **public_data(f.about)} for f in repo_files}}
+           if repo_files else {}),
+        # the nightly's memory: the key of this publish step (it covers everything upstream) and of each step it
+        # was made from, so that a run with no work dir can tell the repo is up to date, or say what changed
+        "build": {"key": step.key, "steps": upstream_keys(step)},
     }
-    artifact_files, shards = _artifact_files(built, ctx.out_dir, step.params["max_file_size"])
-    for name, parts in shards.items():
-        artifacts[name]["shards"] = parts
+    card_file = ctx.out_dir / CARD_FILE
+    card_file.write_text(fmt.render_card(card), encoding="utf-8")
+    # a folder gets its card last: the record counts only beside this very card (a publish cut short does not)
+    manifest["build"]["card_sha256"] = sha256_file(card_file)
     manifest_file = ctx.out_dir / REPO_MANIFEST
     manifest_file.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    card_file = ctx.out_dir / CARD_FILE
-    card_file.write_text(render_card(step, ctx.inputs, shards), encoding="utf-8")
-    files = {**artifact_files, REPO_MANIFEST: (manifest_file, sha256_file(manifest_file)),
-             CARD_FILE: (card_file, sha256_file(card_file))}
-    publisher = publisher_for(step.params["to"])
-    commit = source.manifest["params"].get("commit") or source.manifest["params"].get("digest", "")
+    _refuse_local_paths([manifest_file, card_file, *(f.path for f in repo_files if f.path.parent == ctx.out_dir)],
+                        Path(source.data["path"]), ctx.log_path)
+    files = {**artifact_files, **{f.name: (f.path, f.sha256) for f in repo_files},
+             REPO_MANIFEST: (manifest_file, sha256_file(manifest_file)), CARD_FILE: (card_file, sha256_file(card_file))}
+    publisher = publisher_for(destination(step))
+    commit = source.params.get("commit") or source.params.get("digest", "")
     result = publisher.publish(step.params["repo_id"], files, private=step.params["private"],
                                message=f"quantforge {__version__}: {step.params['format']} of {step.model} "
                                        f"@ {commit[:12]}")
+    _RECORDS.pop((destination(step), step.params["repo_id"]), None)  # what was read before this publish is old
     return {"repo_id": step.params["repo_id"], "to": step.params["to"],
-            "files": {name: sha for name, (_, sha) in files.items()}, **result}
+            "files": {name: sha for name, (_, sha) in files.items()}, **result.to_json()}
 
 
-def render_card(step: Step, inputs: dict[str, StepOutput], shards: dict[str, list[str]] | None = None) -> str:
-    """The repo's model card, from the outputs of the publish step's inputs (also used by `quantforge card`,
+def _card_inputs(step: Step, inputs: dict[str, StepOutput], built: list[BuiltArtifact]) -> CardInputs:
+    return CardInputs(repo_id=step.params["repo_id"], model=step.model, namespace=step.params["namespace"],
+                      source=inputs["source"], tokens=inputs.get("tokens"), artifacts=tuple(built),
+                      release=_release(step), extras=built_extras(step, inputs))
+
+
+def public_data(value: Any) -> Any:
+    """Step data as a published manifest may hold it: no local paths (a text file by its name alone, `path`
+    entries dropped)."""
+    if isinstance(value, dict):
+        return {k: public_text_name(v) if k == "dataset" and isinstance(v, str) else public_data(v)
+                for k, v in value.items() if k != "path"}
+    if isinstance(value, list):
+        return [public_data(v) for v in value]
+    return value
+
+
+def _private_locations(source_dir: Path, log_path: Path) -> dict[str, str]:
+    """Directories a published repo must not name: the source folder, the work dir (logs/ is in it), the
+    converter cache, and the home folder when it names a user (/home/alice; a bare /root says nothing)."""
+    places = {"source folder": source_dir, "work dir": log_path.parent.parent, "quantforge cache": cache_root()}
+    home = Path.home()
+    if len(home.parts) >= 3:
+        places["home folder"] = home
+    return {what: str(path.resolve()) for what, path in places.items()}
+
+
+def _refuse_local_paths(files: list[Path], source_dir: Path, log_path: Path) -> None:
+    """The last check before anything leaves: a generated file naming a local directory is a bug to fix, not a
+    thing to publish."""
+    for file in files:
+        text = file.read_text(encoding="utf-8", errors="replace")
+        for what, place in _private_locations(source_dir, log_path).items():
+            if place in text:
+                raise PublishError(f"{file.name} would publish a local path (the {what}, {place}); nothing was "
+                                   "published")
+
+
+def render_card(step: Step, inputs: dict[str, StepOutput]) -> str:
+    """The repo's model card from the outputs of a publish step's inputs, without publishing (`quantforge card`,
     which does not split: there, a file over the size limit is listed whole)."""
-    from ..card import render_checkpoint_card, render_gguf_card
-
-    common = {"repo_id": step.params["repo_id"], "model": step.model, "namespace": step.params["namespace"],
-              "source": inputs["source"], "artifacts": _artifacts(inputs), "tokens": inputs.get("tokens")}
-    if step.params["format"] == "gguf":
-        return render_gguf_card(**common, shards=shards or {})
-    return render_checkpoint_card(**common, fmt=step.params["format"])
+    built = [BuiltArtifact(_artifact_name(artifact), out, gate) for artifact, out, gate in
+             built_artifacts(step, inputs)]
+    return format_named(step.params["format"]).render_card(_card_inputs(step, inputs, built))
 
 
-def check_published(step: Step, manifest: dict[str, Any]) -> str | None:
+def release_warnings(targets: Targets) -> list[str]:
+    """What `quantforge validate` warns of: repos that would publish without a base model (the Hub's model tree)
+    or a licence. A Hub source is its own base model and its card's licence is used, which only a download can
+    check; a local folder needs them declared, or (the licence) in its own README.md."""
+    warnings = []
+    for model in targets.models:
+        release = release_info(model)
+        missing = [] if release.base_model else ["base_model"]
+        if not release.license and is_local_source(model.source):
+            meta, _ = source_card(targets.resolve_path(model.source))
+            if not meta.get("license"):
+                missing.append("license")
+        if missing:
+            repos = ", ".join(repo_id(model, fmt) for fmt in model.formats.enabled())
+            warnings.append(f"{model.name}: {repos} would publish without {' or '.join(missing)}; declare "
+                            + " and ".join({"base_model": "base_model: ORG/NAME (the Hub repo it is a copy of)",
+                                            "license": "license: a Hub licence id such as apache-2.0"}[m]
+                                           for m in missing))
+    return warnings
+
+
+def check_published(step: Step, manifest: dict[str, Any]) -> Reason | None:
+    """Whether the published copy still holds what the cached publish step recorded."""
     files = manifest.get("data", {}).get("files", {})
     try:
-        missing = publisher_for(step.params["to"]).missing(step.params["repo_id"], files)
+        missing = publisher_for(destination(step)).missing(step.params["repo_id"], files)
     except (OSError, PublishError) as exc:
         # unreachable destination: trust the record rather than fail `plan` (the next push re-checks hashes)
         log.warning("%s: cannot check the published copy (%s)", step.label, exc)
         return None
-    return f"published copy changed or missing: {', '.join(missing)}" if missing else None
+    return Reason("published", new=missing) if missing else None
+
+
+# (destination, repo id) -> the repo's quantforge.json (None: none there), read once per process: `build` asks
+# several times (memory check, plan, report), and a nightly plan must cost one request per repo
+_RECORDS: dict[tuple[str, str], dict[str, Any] | None] = {}
+
+
+def published_record(step: Step) -> Published:
+    """What the destination records of the last publication of `step`'s repo (see core.step.Published)."""
+    where, repo = destination(step), step.params["repo_id"]
+    if (where, repo) not in _RECORDS:
+        _RECORDS[(where, repo)] = publisher_for(where).read_manifest(repo)
+    manifest = _RECORDS[(where, repo)] or {}
+    build = manifest.get("build") or {}
+    location = repo if where == "hub" else f"{where[4:]}/{repo}"
+    if where.startswith("dir:") and build and not _card_landed(Path(where[4:]) / repo, build.get("card_sha256")):
+        build = {}  # a Hub commit is atomic; a folder publish cut short before its card is not a publication
+    return Published(location=location, key=build.get("key"), steps=build.get("steps") or {},
+                     data={"repo_id": repo, "to": step.params["to"], "location": location,
+                           "published": "recorded at the destination"})
+
+
+def _card_landed(folder: Path, sha256: str | None) -> bool:
+    card = folder / CARD_FILE
+    try:
+        return sha256 is not None and card.is_file() and sha256_file(card) == sha256
+    except OSError:
+        return False
+
+
+def forget_published() -> None:
+    """Drop what was read of destinations (a long-lived process that publishes from elsewhere too)."""
+    _RECORDS.clear()

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import PublishError
+from . import REPO_MANIFEST, PublishResult
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
+_ABSENT = ("RepoNotFound", "EntryNotFound", "RevisionNotFound")
 
 
 def git_blob_sha1(path: Path) -> str:
@@ -65,6 +67,9 @@ class HubPublisher:
             try:
                 return fn()
             except Exception as exc:
+                if _status(exc) in (401, 403):
+                    raise PublishError(f"{what}: the Hub refused the token (HTTP {_status(exc)}); set HF_TOKEN to a "
+                                       "token with write access to the namespace, or run hf auth login") from None
                 if not _transient(exc) or attempt == self.retries:
                     raise PublishError(f"{what} failed: {_describe(exc)}") from None
                 wait = self.backoff_seconds * 2**attempt
@@ -88,7 +93,7 @@ class HubPublisher:
         return self._call(f"listing {repo_id}", listing)
 
     def publish(self, repo_id: str, files: dict[str, tuple[Path, str]], *, private: bool,
-                message: str) -> dict[str, Any]:
+                message: str) -> PublishResult:
         from huggingface_hub import CommitOperationAdd
         from huggingface_hub.utils import disable_progress_bars
 
@@ -103,19 +108,47 @@ class HubPublisher:
                 unchanged.append(name)
             else:
                 uploads.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)))
-        result: dict[str, Any] = {"location": str(url), "uploaded": [op.path_in_repo for op in uploads],
-                                  "unchanged": unchanged, "commit": None}
+        commit = None
         if uploads:
             info = self._call(f"committing to {repo_id}", lambda: self.api.create_commit(
                 repo_id, operations=uploads, commit_message=message))
-            result["commit"] = info.oid
-        return result
+            commit = info.oid
+        return PublishResult(str(url), [op.path_in_repo for op in uploads], unchanged, commit)
+
+    def read_manifest(self, repo_id: str) -> dict[str, Any] | None:
+        """quantforge.json on the repo's main branch, in one GET (hf_hub_download would add a HEAD): what a nightly
+        plan judges the repo by. None when the repo or the file does not exist."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        url = hf_hub_url(repo_id, REPO_MANIFEST, endpoint=self.api.endpoint)
+
+        def fetch() -> dict[str, Any] | None:
+            response = get_session().get(url, headers=build_hf_headers(token=self.api.token), follow_redirects=True)
+            # the Hub answers 401 rather than 404 for a repo an anonymous caller cannot see, with the same code
+            if response.status_code == 404 or response.headers.get("X-Error-Code") in _ABSENT:
+                return None
+            hf_raise_for_status(response)
+            try:
+                data = response.json()
+            except ValueError:
+                data = None
+            if not isinstance(data, dict):
+                log.warning("%s/%s is not a JSON object; taken as no record", repo_id, REPO_MANIFEST)
+                return None
+            return data
+
+        return self._call(f"reading {repo_id}/{REPO_MANIFEST}", fetch)
 
     def missing(self, repo_id: str, files: dict[str, str]) -> list[str]:
         remote = self.remote_files(repo_id)
         # a regular file's sha256 is not on the Hub; its presence is what this cheap check can say
         return [name for name, sha in files.items()
                 if name not in remote or (remote[name][0] is not None and remote[name][0] != sha)]
+
+
+def _status(exc: BaseException) -> int | None:
+    return getattr(getattr(exc, "response", None), "status_code", None)
 
 
 def _describe(exc: BaseException) -> str:

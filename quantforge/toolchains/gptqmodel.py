@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IncompatibleShapes, ToolchainError, VerificationError
+from .quiet import output_to
 from .worker import run_worker
 
 PACKAGE = "gptqmodel"
@@ -35,16 +36,18 @@ def gptqmodel_version() -> str:
         raise ToolchainError(f"{PACKAGE} is not installed; run the README's set-up command") from None
 
 
-def quantized_linears(source_dir: Path, trust_remote_code: bool = False
+def quantized_linears(source_dir: Path, trust_remote_code: bool = False, log_path: Path | None = None
                       ) -> tuple[dict[str, tuple[int, int]], int]:
     """name -> (in_features, out_features) of every linear layer GPTQModel quantizes (all but the output head),
-    and the model's parameter count."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    and the model's parameter count. Runs in this process (a meta-device model costs no memory); what torch and
+    transformers print meanwhile goes to `log_path`."""
+    with output_to(log_path):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(source_dir, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source_dir, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     head = model.get_output_embeddings()
     layers = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and m is not head}
@@ -77,11 +80,13 @@ def check_shapes(method: str, group_size: int, layers: dict[str, tuple[int, int]
                 hint="quantize this model with GPTQ instead")
 
 
-def quantize(method: str, source_dir: Path, out_dir: Path, calibration: Path, settings: dict[str, Any],
-             log_path: Path, scratch: Path, progress=None) -> dict[str, Any]:
-    """Quantize `source_dir` into a checkpoint folder `out_dir` with GPTQModel."""
+def quantize(method: str, source_dir: Path, out_dir: Path, calibration: Path, config: dict[str, Any],
+             trust_remote_code: bool, log_path: Path, scratch: Path, progress=None) -> dict[str, Any]:
+    """Quantize `source_dir` into a checkpoint folder `out_dir` with GPTQModel; `config` is GPTQModel's
+    QuantizeConfig arguments, as the format's settings model gives them."""
     args = ["quantize", str(source_dir), str(out_dir), "--method", method, "--calibration", str(calibration),
-            "--settings", json.dumps(settings, sort_keys=True), "--scratch", str(scratch)]
+            "--config", json.dumps(config, sort_keys=True), "--scratch", str(scratch)]
+    args += ["--trust-remote-code"] if trust_remote_code else []
 
     def layer(m: re.Match[str]) -> str:
         return f"layer {int(m[1]) + 1}/{int(m[2]) + 1}"

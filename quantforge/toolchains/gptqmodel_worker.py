@@ -2,7 +2,8 @@
 gptqmodel.
 
     python -m quantforge.toolchains.gptqmodel_worker --result FILE quantize SRC OUT --method gptq|awq
-                                                              --calibration NPY --settings JSON --scratch DIR
+                                                              --calibration NPY --config JSON --scratch DIR
+                                                              [--trust-remote-code]
     python -m quantforge.toolchains.gptqmodel_worker --result FILE generate DIR --prompt TEXT [--tokens N]
                                                               [--trust-remote-code]
     python -m quantforge.toolchains.gptqmodel_worker --result FILE evaluate DIR --windows NPY --reference NPZ
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from quantforge.toolchains.device import cuda_available
 from quantforge.toolchains.worker import check_commands, report_progress, serve
 
 # Copied from the source as they are: GPTQModel re-saves the tokenizer and "fixes" the generation config, but
@@ -35,32 +37,24 @@ QUANT_LOG = "quant_log.csv"
 
 
 def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if cuda_available() else "cpu"
 
 
 def quantize(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
-    s = json.loads(args.settings)
     device = _device()
     windows = np.load(args.calibration)
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in windows]
-    common = {"bits": s["bits"], "group_size": s["group_size"], "offload_to_disk_path": str(args.scratch / "offload")}
-    if args.method == "gptq":
-        config = QuantizeConfig(**common, desc_act=s["desc_act"], sym=s["sym"], damp_percent=s["damp"])
-        backend = BACKEND.AUTO
-    else:
-        config = QuantizeConfig(**common, method="awq", format="gemm", sym=not s["zero_point"])
-        # GPTQModel's default AWQ backend needs CUDA; its torch kernel packs the same GEMM layout on a CPU
-        backend = BACKEND.AUTO if device == "cuda" else BACKEND.AWQ_TORCH
+    config = QuantizeConfig(**json.loads(args.config), offload_to_disk_path=str(args.scratch / "offload"))
+    # GPTQModel's default AWQ backend needs CUDA; its torch kernel packs the same GEMM layout on a CPU
+    backend = BACKEND.AWQ_TORCH if args.method == "awq" and device != "cuda" else BACKEND.AUTO
     # fp16 on both devices: the checkpoint's scales and unquantized weights are fp16, which every consumer
     # reads (GPTQModel's AWQ packer refuses fp32); GPTQ's Hessian and solve run in fp32 regardless
     started = time.perf_counter()
     model = GPTQModel.load(str(args.source), config, dtype=torch.float16, device=device,
-                           trust_remote_code=s.get("trust_remote_code", False))
+                           trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - started
     started = time.perf_counter()
     model.quantize(calibration, batch_size=1, backend=backend)
@@ -141,7 +135,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from quantforge import metrics
-    from quantforge.card import chat_template
+    from quantforge.chat_template import has_chat_template
 
     windows = np.load(args.windows)
     reference = metrics.Reference.load(args.reference)
@@ -164,7 +158,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(str(args.checkpoint), trust_remote_code=args.trust_remote_code)
         got = tokenizer(sample["text"], add_special_tokens=False)["input_ids"]
         result["tokenizer"] = metrics.tokenizer_parity(sample["ids"], got, lambda t: tokenizer.decode([t]))
-    result["chat_template"] = chat_template(args.checkpoint) is not None
+    result["chat_template"] = has_chat_template(args.checkpoint)
     return result
 
 
@@ -179,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("out", type=Path)
     q.add_argument("--method", choices=("gptq", "awq"), required=True)
     q.add_argument("--calibration", type=Path, required=True)
-    q.add_argument("--settings", required=True)
+    q.add_argument("--config", required=True, help="GPTQModel QuantizeConfig arguments (JSON)")
     q.add_argument("--scratch", type=Path, required=True)
+    q.add_argument("--trust-remote-code", action="store_true")
     for p in check_commands(sub, "checkpoint"):
         p.add_argument("--trust-remote-code", action="store_true")
     return serve(parser, COMMANDS, argv)

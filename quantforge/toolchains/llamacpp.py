@@ -11,6 +11,8 @@ to the step's log file, and a crash in native code fails one step instead of the
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import re
 import shutil
@@ -18,12 +20,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConversionError, ToolchainError, VerificationError
+from ..errors import BadInputError, ConversionError, ToolchainError, VerificationError
 
 PACKAGE = "llama-cpp-python"
 _CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/", "LICENSE")
@@ -151,27 +154,71 @@ _UNSUPPORTED_ARCH = re.compile(r"Model (\S+) is not supported|Architecture '([^'
 
 
 def convert(converter: Converter, source_dir: Path, out_file: Path, outtype: str, log_path: Path,
-            model_name: str) -> None:
-    """HF checkpoint -> full-precision GGUF with llama.cpp's reference converter."""
+            model_name: str, metadata: Mapping[str, Any] | None = None) -> None:
+    """HF checkpoint -> full-precision GGUF with llama.cpp's reference converter.
+    `metadata`: authorship and provenance keys handed to the converter as its `--metadata` file (gguf-py's
+    Metadata override: "general.name", "general.quantized_by", "general.repo_url", "general.license.name",
+    "general.base_models": [{"name", "organization", "version", "repo_url", ...}], "general.tags": [...], ...).
+    They win over what the converter guesses from the checkpoint and its model card, and quantization copies
+    them into every quantized file. Keys this converter would silently ignore are refused (BadInputError)."""
     cmd = [sys.executable, str(converter.script), str(source_dir), "--outfile", str(out_file), "--outtype", outtype]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("NO_LOCAL_GGUF", None)  # the converter must use its own gguf-py, not the PyPI one
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=converter.root, env=env)
+    # the --metadata file lives only as long as the converter runs; its content goes to the log instead
+    with tempfile.TemporaryDirectory(prefix="quantforge-convert-") as scratch:
+        if metadata is not None:
+            metadata_file = Path(scratch) / "metadata.json"
+            metadata_file.write_text(json.dumps(_checked_metadata(converter, metadata), ensure_ascii=False))
+            cmd += ["--metadata", str(metadata_file)]
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"$ {' '.join(cmd)}\n")
+            if metadata is not None:
+                log.write(f"# --metadata: {json.dumps(metadata, ensure_ascii=False)}\n")
+            log.flush()
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=converter.root, env=env)
     if proc.returncode == 0 and out_file.is_file():
         return
-    raise _conversion_error(log_path.read_text(encoding="utf-8", errors="replace"), model_name, str(log_path))
+    raise _conversion_error(log_path.read_text(encoding="utf-8", errors="replace"), model_name)
 
 
-def _conversion_error(log: str, model_name: str, log_path: str) -> ConversionError:
+_OVERRIDE_GET = re.compile(r"metadata_override\.get\(\s*(?:Keys\.General\.(\w+)|\"([^\"]+)\")")
+_GENERAL_CONST = re.compile(r"^\s+(\w+)\s*=\s*\"(general\.[^\"]+)\"", re.MULTILINE)
+
+
+def converter_metadata_keys(converter: Converter) -> frozenset[str] | None:
+    """The `--metadata` keys this converter reads, from its gguf-py's source (Metadata.load looks up a fixed
+    list and ignores every other key, e.g. "general.license", which it only takes from the model card).
+    None when the source no longer has the expected shape: then nothing is checked."""
+    gguf_dir = converter.root / "gguf-py" / "gguf"
+    try:
+        loader = (gguf_dir / "metadata.py").read_text(encoding="utf-8")
+        constants = dict(_GENERAL_CONST.findall((gguf_dir / "constants.py").read_text(encoding="utf-8")))
+    except OSError:
+        return None
+    keys = set()
+    for const, literal in _OVERRIDE_GET.findall(loader):
+        key = literal or constants.get(const)
+        if key is None:
+            return None
+        keys.add(key)
+    return frozenset(keys) or None
+
+
+def _checked_metadata(converter: Converter, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    accepted = converter_metadata_keys(converter)
+    ignored = sorted(k for k in metadata if accepted is not None and k not in accepted)
+    if ignored:
+        raise BadInputError(f"llama.cpp's converter ignores these --metadata keys: {', '.join(ignored)} (it reads "
+                            f"{', '.join(sorted(accepted or ()))}); set them at quantization with kv_overrides")
+    return dict(metadata)
+
+
+def _conversion_error(log: str, model_name: str) -> ConversionError:
     if _UNKNOWN_PRE.search(log):
         h = _CHKHSH.search(log)
         return ConversionError(
             f"{model_name}: llama.cpp's converter does not recognize this tokenizer's BPE pre-tokenizer"
             + (f" (chkhsh {h.group(1)[:16]}…)" if h else ""),
-            log_path=log_path,
             hint="the tokenizer is not in convert_hf_to_gguf_update.py; use a llama.cpp checkout that knows it "
                  "(--llama-cpp DIR), or check that tokenizer.json matches the base model's",
         )
@@ -179,10 +226,9 @@ def _conversion_error(log: str, model_name: str, log_path: str) -> ConversionErr
     if arch:
         name = arch.group(1) or arch.group(2)
         return ConversionError(f"{model_name}: llama.cpp's converter does not support architecture {name}",
-                               log_path=log_path,
                                hint="a newer llama.cpp may (--llama-cpp DIR pointing at a recent checkout)")
     tail = [ln for ln in log.strip().splitlines() if ln.strip()][-1:] or ["no output"]
-    return ConversionError(f"{model_name}: conversion to GGUF failed: {tail[0][:300]}", log_path=log_path)
+    return ConversionError(f"{model_name}: conversion to GGUF failed: {tail[0][:300]}")
 
 
 # ---------------------------------------------------------------------------------------------- libllama
@@ -198,14 +244,57 @@ def _run_worker(args: list[str], log_path: Path, result_file: Path) -> dict[str,
     return run_worker("quantforge.toolchains.llamacpp_worker", args, log_path, result_file)
 
 
+KVValue = str | int | float | bool
+
+# keys quantization itself writes or needs: an override would silently corrupt the output file
+_RESERVED_KEYS = frozenset({"general.architecture", "general.file_type", "general.quantization_version",
+                            "general.alignment"})
+_KV_BUFFER = 128  # llama_model_kv_override's key[128] and val_str[128], NUL included
+
+
+def check_kv_overrides(kv_overrides: Mapping[str, KVValue]) -> dict[str, KVValue]:
+    """What llama_model_quantize can write faithfully, refused up front otherwise (BadInputError): ASCII keys and
+    UTF-8 strings of at most 127 bytes, ints in 0..2**32-1 (written as uint32 of |value|), finite floats
+    (written as float32), bools."""
+    checked: dict[str, KVValue] = {}
+    for key, value in kv_overrides.items():
+        if not isinstance(key, str) or not key or not key.isascii() or "\0" in key or len(key) >= _KV_BUFFER:
+            raise BadInputError(f"GGUF key {key!r}: must be non-empty ASCII of at most {_KV_BUFFER - 1} characters")
+        if key in _RESERVED_KEYS or key.startswith("split."):
+            raise BadInputError(f"GGUF key {key!r} is written by quantization itself and cannot be overridden")
+        if isinstance(value, bool):
+            pass
+        elif isinstance(value, int):
+            if not 0 <= value < 2**32:
+                raise BadInputError(f"{key}: {value} does not fit the uint32 that llama.cpp writes int overrides as")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise BadInputError(f"{key}: {value} is not a finite number")
+        elif isinstance(value, str):
+            if "\0" in value or len(value.encode()) >= _KV_BUFFER:
+                raise BadInputError(f"{key}: llama.cpp's override strings hold at most {_KV_BUFFER - 1} UTF-8 bytes "
+                                    f"(this one has {len(value.encode())})")
+        else:
+            raise BadInputError(f"{key}: {type(value).__name__} values cannot be written (str, int, float or bool)")
+        checked[key] = value
+    return checked
+
+
 def quantize(in_file: Path, out_file: Path, gguf_type: str, log_path: Path, threads: int | None = None,
-             imatrix: tuple[Path, Path] | None = None) -> dict:
+             imatrix: tuple[Path, Path] | None = None,
+             kv_overrides: Mapping[str, KVValue] | None = None) -> dict:
     """Quantize with libllama's llama_model_quantize; returns what llama.cpp did (fallbacks included).
-    `imatrix`: (an importance matrix under HF module names, the converter's gguf-py that maps them)."""
+    `imatrix`: (an importance matrix under HF module names, the converter's gguf-py that maps them).
+    `kv_overrides`: metadata to add to (or replace in) the output file, as llama-quantize's --override-kv does
+    (see check_kv_overrides); with an imatrix, "quantize.imatrix.entries_count" is set to the number of
+    tensors it weighted (imatrix_gguf.quantize_kv gives llama-quantize's other quantize.imatrix.* keys).
+    The result then has "kv_overrides": what was written."""
     start = log_path.stat().st_size if log_path.exists() else 0
     args = ["quantize", str(in_file), str(out_file), gguf_type, "--threads", str(threads or 0)]
     if imatrix is not None:
         args += ["--imatrix", str(imatrix[0]), "--gguf-py", str(imatrix[1])]
+    if kv_overrides is not None:
+        args += ["--kv-overrides", json.dumps(check_kv_overrides(kv_overrides), ensure_ascii=False)]
     result = _run_worker(args, log_path, out_file.with_suffix(".result.json"))
     if not result.get("ok") or not out_file.is_file():
         raise ToolchainError(f"llama.cpp quantization to {gguf_type} failed: {result.get('error', 'unknown')}")

@@ -2,6 +2,7 @@
 
     python -m quantforge.toolchains.llamacpp_worker --result FILE quantize IN OUT TYPE [--threads N]
                                                                   [--imatrix NPZ --gguf-py DIR]
+                                                                  [--kv-overrides JSON]
     python -m quantforge.toolchains.llamacpp_worker --result FILE generate GGUF --prompt TEXT [--tokens N]
     python -m quantforge.toolchains.llamacpp_worker --result FILE evaluate GGUF --windows NPY --reference NPZ
                                                                   [--sample JSON] [--threads N]
@@ -26,6 +27,9 @@ import numpy as np
 from quantforge.gguf_types import GGUF_TYPES
 from quantforge.toolchains.worker import check_commands, serve
 
+# every layer on the GPU when libllama was built with GPU support (a CPU-only build ignores it)
+GPU_LAYERS = -1
+
 
 def quantize(args: argparse.Namespace) -> dict[str, Any]:
     import ctypes
@@ -49,12 +53,53 @@ def quantize(args: argparse.Namespace) -> dict[str, Any]:
             array[i].size = buffer.size
         array[len(entries)].name = None
         params.imatrix = ctypes.cast(array, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    overrides: dict[str, Any] | None = None
+    if args.kv_overrides is not None:
+        overrides = dict(args.kv_overrides)
+        if used is not None:
+            # what llama-quantize records: the number of tensors the matrix weighted, known only after mapping
+            given = overrides.setdefault(IMATRIX_ENTRIES_KEY, used["tensors"])
+            if given != used["tensors"]:
+                return {"ok": False, "error": f"{IMATRIX_ENTRIES_KEY} is {given}, but {used['tensors']} tensors "
+                                              "were weighted by the importance matrix"}
+        kv_array = kv_override_array(overrides)  # kept alive until quantization returns
+        params.kv_overrides = ctypes.cast(kv_array, ctypes.POINTER(llama_cpp.llama_model_kv_override))
     started = time.perf_counter()
     rc = llama_cpp.llama_model_quantize(str(args.input).encode(), str(args.output).encode(), ctypes.byref(params))
     seconds = time.perf_counter() - started
     if rc != 0:
         return {"ok": False, "error": f"llama_model_quantize returned {rc} (see the log)"}
-    return {"ok": True, "seconds": round(seconds, 3), "imatrix": used}
+    result: dict[str, Any] = {"ok": True, "seconds": round(seconds, 3), "imatrix": used}
+    if overrides is not None:
+        result["kv_overrides"] = overrides
+    return result
+
+
+IMATRIX_ENTRIES_KEY = "quantize.imatrix.entries_count"
+
+
+def kv_override_array(overrides: dict[str, Any]) -> Any:
+    """{key: str | int | float | bool} -> the C array llama_model_quantize_params.kv_overrides points at: one
+    llama_model_kv_override per key, ended by an entry whose key is empty (as llama-quantize builds it). The
+    parent has checked sizes and ranges (llamacpp.check_kv_overrides)."""
+    import llama_cpp
+
+    array = (llama_cpp.llama_model_kv_override * (len(overrides) + 1))()  # zeroed: the last key is ""
+    str_size = llama_cpp.llama_model_kv_override_value.val_str.size  # 128 bytes
+    for entry, (key, value) in zip(array, overrides.items(), strict=False):
+        entry.key = key.encode()
+        if isinstance(value, bool):  # before int: bool is an int in Python
+            entry.tag, entry.value.val_bool = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_BOOL, value
+        elif isinstance(value, int):
+            entry.tag, entry.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, value
+        elif isinstance(value, float):
+            entry.tag, entry.value.val_f64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_FLOAT, value
+        else:
+            encoded = str(value).encode()
+            if len(encoded) >= str_size:  # the C side needs a NUL within the buffer
+                raise ValueError(f"{key}: value longer than {str_size - 1} bytes")
+            entry.tag, entry.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, encoded
+    return array
 
 
 def imatrix_entries(npz: Path, gguf_py: Path, gguf_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -94,7 +139,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     llm = Llama(model_path=str(args.gguf), n_ctx=256, n_batch=256, logits_all=True, seed=0,
-                n_threads=os.cpu_count(), verbose=True)
+                n_threads=os.cpu_count(), n_gpu_layers=GPU_LAYERS, verbose=True)
     load_seconds = time.perf_counter() - started
     tokens = llm.tokenize(args.prompt.encode(), add_bos=True, special=False)
     prompt_len = len(tokens)
@@ -134,7 +179,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     reference = metrics.Reference.load(args.reference)
     ctx = int(windows.shape[1])
     llm = Llama(model_path=str(args.gguf), n_ctx=ctx, n_batch=min(ctx, 512), n_ubatch=min(ctx, 512),
-                logits_all=True, n_threads=args.threads or os.cpu_count(), verbose=True)
+                logits_all=True, n_threads=args.threads or os.cpu_count(), n_gpu_layers=GPU_LAYERS, verbose=True)
     comparison = metrics.Comparison([], [], [])
     offset = 0
     started = time.perf_counter()
@@ -170,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--threads", type=int, default=0)
     q.add_argument("--imatrix", type=Path)
     q.add_argument("--gguf-py", type=Path)
+    q.add_argument("--kv-overrides", type=json.loads, help="a JSON object {key: str | int | float | bool}")
     _, e = check_commands(sub, "gguf")
     e.add_argument("--threads", type=int, default=0)
     return serve(parser, COMMANDS, argv)

@@ -61,12 +61,22 @@ def serve(parser: argparse.ArgumentParser, commands: dict[str, Callable[[Any], d
     return 0 if result.get("ok") else 1
 
 
+# What to change when a worker is killed for memory; a caller that knows its tool says it more precisely.
+OOM_HINT = ("give it more memory, or ask less of it: fewer threads (--threads N), fewer evaluation windows or "
+            "calibration samples (evaluation.chunks, calibration.samples), or a CUDA GPU")
+
+
 def run_worker(module: str, args: Sequence[str], log_path: Path, result_file: Path, *,
                progress: Callable[[str], None] | None = None,
                patterns: Sequence[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = (),
-               env: dict[str, str] | None = None, cwd: Path | None = None) -> dict[str, Any]:
+               env: dict[str, str] | None = None, cwd: Path | None = None, label: str | None = None,
+               oom_hint: str = OOM_HINT) -> dict[str, Any]:
     """Run `python -m module --result FILE *args` (in `cwd`: some tools write files where they run); return its
-    result (ok false when it wrote none)."""
+    result (ok false when it wrote none), with "peak_rss_bytes": the most resident memory its process tree held.
+    A child killed by SIGKILL (the kernel's out-of-memory killer, or a cgroup limit) gets an error naming
+    `label` (default: the step whose log this is), the peak it reached, the limit, and `oom_hint`."""
+    from .memory import watch
+
     cmd = [sys.executable, "-m", module, "--result", str(result_file), *args]
     watched = [(_OWN_PROGRESS, lambda m: m["text"]), *patterns]
     with open(log_path, "a", encoding="utf-8") as log:
@@ -74,14 +84,14 @@ def run_worker(module: str, args: Sequence[str], log_path: Path, result_file: Pa
         log.flush()
         start = log.tell()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+
+        def tick() -> None:
+            nonlocal start
+            if progress is not None:
+                start = _report_latest(log_path, start, watched, progress)
+
         try:
-            while True:
-                try:
-                    proc.wait(timeout=1.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    if progress is not None:
-                        start = _report_latest(log_path, start, watched, progress)
+            outcome = watch(proc, tick)
         except BaseException:  # interrupted: do not leave the child running
             proc.kill()
             proc.wait()
@@ -90,11 +100,38 @@ def run_worker(module: str, args: Sequence[str], log_path: Path, result_file: Pa
         result = json.loads(result_file.read_text())
     except (OSError, ValueError):
         result = {"ok": False, "error": f"{module.rsplit('.', 1)[-1]} exited with code {proc.returncode} and no "
-                                        "result" + (" (killed: out of memory?)" if proc.returncode in (-9, 137)
-                                                    else "")}
+                                        "result"}
+        if outcome.returncode in (-9, 137):
+            result["error"] = _killed(label or _label_of(log_path), outcome.peak_rss, oom_hint)
+            result["killed"] = True
     finally:
         result_file.unlink(missing_ok=True)
+    result["peak_rss_bytes"] = outcome.peak_rss
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"# quantforge: exit code {outcome.returncode}, peak RSS {outcome.peak_rss} bytes\n")
     return result
+
+
+def _label_of(log_path: Path) -> str:
+    """The step a log belongs to, from the header the engine writes ("# LABEL (key ...)"), else the file name."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+    except OSError:
+        first = ""
+    match = re.match(r"# (.+?) \(key [0-9a-f]+\)", first)
+    return match[1] if match else log_path.stem
+
+
+def _killed(label: str, peak: int, hint: str) -> str:
+    from ..figures import format_size
+    from .memory import host_memory
+
+    memory = host_memory()
+    limit = (f"under a {format_size(memory.cgroup.limit)} cgroup limit" if memory.cgroup is not None
+             else f"on a machine with {format_size(memory.total)}")
+    return (f"{label} was killed (SIGKILL: out of memory) after its processes reached {format_size(peak)} "
+            f"resident, {limit}; {hint}")
 
 
 def _report_latest(log_path: Path, start: int, watched: Sequence[tuple[re.Pattern[str], Callable]],

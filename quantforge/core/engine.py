@@ -7,7 +7,9 @@ from it. Steps run one at a time: the heavy ones use every core (or the GPU) on 
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -15,57 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import __version__
-from .errors import BadInputError
-from .plan import Plan, Step, stale_reasons
-from .runners import runner_for
-from .store import MANIFEST, WorkDir, sha256_file
+from .. import __version__
+from ..errors import BadInputError, DiskFull
+from ..store import MANIFEST, NO_SPACE, WorkDir, disk_full, sha256_file
+from .plan import Plan
+from .registry import kind_info
+from .staleness import published_record, stale_reasons
+from .step import BuildOptions, Reason, Step, StepContext, StepOutput
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BuildOptions:
-    keep_going: bool = False
-    dry_run: bool = False
-    threads: int | None = None
-    llama_cpp_dir: str | None = None
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    dir: Path
-    manifest: dict[str, Any]
-
-    @property
-    def data(self) -> dict[str, Any]:
-        return self.manifest.get("data", {})
-
-    def files(self) -> dict[str, dict[str, Any]]:
-        return self.manifest.get("files", {})
-
-    def file(self, name: str) -> Path:
-        return self.dir / name
-
-
-@dataclass
-class StepContext:
-    step: Step
-    out_dir: Path
-    log_path: Path
-    inputs: dict[str, StepOutput]
-    options: BuildOptions
-    # a long step says how far it is ("layer 3/30"); the console shows it next to the step's label
-    progress: Callable[[str], None] = lambda _text: None
-
-
 @dataclass
 class StepResult:
-    label: str
-    kind: str
-    key: str
+    step: Step
     status: str  # built | reused | failed | skipped | not-run | would-build | up-to-date | not-needed
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[Reason] = field(default_factory=list)
     seconds: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -73,13 +40,32 @@ class StepResult:
     log: str | None = None
     output_dir: str | None = None
 
+    @property
+    def label(self) -> str:
+        return self.step.label
+
+    @property
+    def kind(self) -> str:
+        return self.step.kind
+
+    @property
+    def key(self) -> str:
+        return self.step.key
+
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, [], {})}
+        step = self.step
+        out: dict[str, Any] = {"label": step.label, "kind": step.kind, "key": step.key, "status": self.status,
+                               "model": step.model, "format": step.fmt, "type": step.qtype,
+                               "stage": kind_info(step.kind).stage,
+                               "reasons": [r.to_json() for r in self.reasons], "seconds": self.seconds,
+                               "data": self.data, "error": self.error, "hint": self.hint, "log": self.log,
+                               "output_dir": self.output_dir}
+        return {k: v for k, v in out.items() if v not in (None, "", [], {})}
 
 
 class Reporter(Protocol):
     def begin(self, total: int, dry_run: bool) -> None: ...
-    def step_started(self, step: Step, reasons: list[str]) -> None: ...
+    def step_started(self, step: Step, reasons: list[Reason]) -> None: ...
     def step_progress(self, step: Step, text: str) -> None: ...
     def step_finished(self, result: StepResult) -> None: ...
     def end(self) -> None: ...
@@ -122,21 +108,48 @@ class BuildReport:
         }
 
 
-def must_run(plan: Plan, work: WorkDir) -> dict[str, list[str]]:
-    """label -> reasons, for every step that has to run (see the module docstring)."""
+def must_run(plan: Plan, work: WorkDir, *, remote: bool = True) -> dict[str, list[Reason]]:
+    """label -> reasons, for every step that has to run (see the module docstring). `remote`: a step the work dir
+    lacks is up to date when its destination's record carries its key (core/staleness.py)."""
     dependents: dict[int, list[Step]] = {id(s): [] for s in plan.steps}
     for step in plan.steps:
         for dep in step.inputs.values():
             dependents[id(dep)].append(step)
-    needed: dict[str, list[str]] = {}
+    needed: dict[str, list[Reason]] = {}
     for step in reversed(plan.steps):
-        reasons = stale_reasons(step, work)
+        reasons = stale_reasons(step, work, remote=remote)
         if not reasons:
             continue
         users = dependents[id(step)]
         if not users or any(u.label in needed for u in users):
             needed[step.label] = reasons
     return needed
+
+
+# Below this much free space, a failed step is taken to have failed for want of it (external tools report a
+# full disk in many ways: a bare exit code, a progress bar cut short).
+NEARLY_FULL_BYTES = 16 << 20
+
+
+def _out_of_space(exc: Exception, step: Step, inputs: dict[str, StepOutput], staged: Path) -> DiskFull | None:
+    """A DiskFull naming the step, the device and about what it needs, when `exc` came from a full disk."""
+    if isinstance(exc, DiskFull):
+        return None
+    no_space = isinstance(exc, OSError) and exc.errno in NO_SPACE
+    try:
+        no_space = no_space or shutil.disk_usage(staged).free < NEARLY_FULL_BYTES
+    except OSError:
+        pass
+    if not no_space:
+        return None
+    written = sum(p.stat().st_size for p in staged.rglob("*") if p.is_file())
+    largest_input = max((sum(f.get("size", 0) for f in out.files().values()) for out in inputs.values()), default=0)
+    return disk_full(staged, max(written, largest_input), step.label)
+
+
+def as_json_data(data: Any) -> dict[str, Any]:
+    """What a step returns, as the JSON its manifest records: a dict, or a typed result with to_json()."""
+    return data.to_json() if hasattr(data, "to_json") else data
 
 
 def load_inputs(step: Step, work: WorkDir) -> dict[str, StepOutput]:
@@ -155,29 +168,32 @@ def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporte
     report = BuildReport(str(plan.targets.path), str(work.root), time.time(), [], dry_run=options.dry_run)
     with work.locked():
         work.clear_debris()
-        todo = must_run(plan, work)
+        todo = must_run(plan, work, remote=not options.offline)
         reporter.begin(len(plan.steps), options.dry_run)
         failed: set[str] = set()
         built_here: set[str] = set()
         stop = False
+        evictor = Evictor(plan, work) if options.evict and not options.dry_run else None
         for step in plan.steps:
             # two labels may share a key (two models with one source): the second reuses what the first built
             if step.label not in todo or step.key in built_here:
                 cached = work.lookup(step.kind, step.key)
-                if cached is None:  # stale, but everything made from it is cached: not needed
-                    result = StepResult(step.label, step.kind, step.key, "not-needed")
+                record = published_record(step) if cached is None and not options.offline else None
+                if record is not None and record.key == step.key:  # published by an earlier build, elsewhere
+                    result = StepResult(step, "up-to-date" if options.dry_run else "reused", data=dict(record.data))
+                elif cached is None:  # stale, but everything made from it is cached: not needed
+                    result = StepResult(step, "not-needed")
                 else:
-                    result = StepResult(step.label, step.kind, step.key,
-                                        "up-to-date" if options.dry_run else "reused", data=cached.get("data", {}),
+                    result = StepResult(step, "up-to-date" if options.dry_run else "reused",
+                                        data=cached.get("data", {}),
                                         output_dir=str(work.step_dir(step.kind, step.key)))
             elif options.dry_run:
-                result = StepResult(step.label, step.kind, step.key, "would-build", reasons=todo[step.label])
+                result = StepResult(step, "would-build", reasons=todo[step.label])
             elif stop:
-                result = StepResult(step.label, step.kind, step.key, "not-run", reasons=["the build stopped"])
+                result = StepResult(step, "not-run", reasons=[Reason("stopped")])
             elif blocked := [d.label for d in step.inputs.values() if d.label in failed]:
                 failed.add(step.label)
-                result = StepResult(step.label, step.kind, step.key, "skipped",
-                                    reasons=[f"input failed: {', '.join(blocked)}"])
+                result = StepResult(step, "skipped", reasons=[Reason("input-failed", new=blocked)])
             else:
                 reporter.step_started(step, todo[step.label])
                 result = _run_step(step, todo[step.label], work, options,
@@ -189,25 +205,56 @@ def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporte
                     built_here.add(step.key)
             report.results.append(result)
             reporter.step_finished(result)
+            if evictor is not None:
+                evictor.done(step)
         report.finished = time.time()
         reporter.end()
     return report
 
 
-def _run_step(step: Step, reasons: list[str], work: WorkDir, options: BuildOptions,
+class Evictor:
+    """`build --evict`: deletes an evictable output (core/registry.py) once every step of this plan that reads it
+    has a result, so that a leg holds the F16 intermediate only until its last quantization and each artifact only
+    until its repo is published. A later build that needs one again rebuilds it (a missing output is a miss)."""
+
+    def __init__(self, plan: Plan, work: WorkDir):
+        self.work = work
+        self.readers: dict[int, set[str]] = {id(s): set() for s in plan.steps}
+        for step in plan.steps:
+            for dep in step.inputs.values():
+                self.readers[id(dep)].add(step.label)
+        self.finished: set[str] = set()
+        self.freed_bytes = 0
+
+    def done(self, step: Step) -> None:
+        self.finished.add(step.label)
+        for dep in step.inputs.values():
+            readers = self.readers.get(id(dep))
+            if readers is not None and kind_info(dep.kind).evict and readers <= self.finished:
+                self.freed_bytes += self.work.evict(dep.kind, dep.key)
+
+
+def _run_step(step: Step, reasons: list[Reason], work: WorkDir, options: BuildOptions,
               progress: Callable[[str], None] = lambda _text: None) -> StepResult:
     log_path = work.log_path(step.label)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text(f"# {step.label} (key {step.key[:16]})\n# why: {'; '.join(reasons)}\n")
+    why = json.dumps([r.to_json() for r in reasons], ensure_ascii=False, default=str)
+    log_path.write_text(f"# {step.label} (key {step.key[:16]})\n# why: {why}\n")
     inputs = load_inputs(step, work)  # all built: must_run ran what they needed
     started = time.perf_counter()
-    log.info("running %s (%s)", step.label, "; ".join(reasons))
-    result = StepResult(step.label, step.kind, step.key, "built", reasons=reasons, log=str(log_path))
+    log.info("running %s (%s)", step.label, why)
+    result = StepResult(step, "built", reasons=reasons, log=str(log_path))
     try:
         with work.staging(step.kind, step.key) as staged:
             ctx = StepContext(step, staged, log_path, inputs, options,
                               lambda text: progress(f"{text} (log: {log_path})"))
-            data = runner_for(step.kind)(step, ctx)
+            try:
+                data = as_json_data(kind_info(step.kind).run(step, ctx))
+            except Exception as exc:
+                full = _out_of_space(exc, step, inputs, staged)
+                if full is None:
+                    raise
+                raise full from exc
             files = {p.relative_to(staged).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                      for p in sorted(staged.rglob("*")) if p.is_file() and p.name != MANIFEST}
             seconds = time.perf_counter() - started

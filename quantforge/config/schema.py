@@ -1,0 +1,364 @@
+"""The targets.yaml schema (pydantic v2), less the formats: each format declares its own settings model
+(a `FormatSettings`) in its module, and the loader (config/loader.py) puts them under `formats`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ..data import parse_text_source
+from ..errors import BadInputError
+from .licenses import check_license, check_license_link, check_license_name, check_release
+
+# used with fullmatch: `$` would also match before a final newline, and "a\n" would name a folder
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# git check-ref-format forbids these in a ref; the Hub resolves branches, tags and commit shas
+_REVISION_RE = re.compile(r"[^\s\x00-\x1f\x7f~^:?*\[\\]{1,255}")
+# The Hub's limit for a repo's name and for a namespace. It also keeps file names short enough: the longest
+# that quantforge derives from a model name, <name>-<TYPE>-00001-of-00009.gguf (a split shard), is 96 + 28
+# bytes, and the filesystem allows 255.
+MAX_NAME = 96
+_TEMPLATE_FIELDS = frozenset({"model", "format", "FORMAT"})
+
+
+def _check_name(value: str, what: str) -> str:
+    """A name that becomes a folder and part of a repo id: ASCII letters, digits, '.', '_', '-'; at most 96."""
+    if not _NAME_RE.fullmatch(value):
+        raise ValueError(f"use letters, digits, '.', '_' or '-' ({what})")
+    if len(value) > MAX_NAME:
+        raise ValueError(f"{len(value)} characters; at most {MAX_NAME} ({what}; the Hub's limit, and it keeps "
+                         "file names under the filesystem's 255 bytes)")
+    return value
+
+
+def _no_control(value: str) -> str:
+    bad = _CONTROL_RE.search(value)
+    if bad:
+        raise ValueError(f"contains the control character {bad.group()!r}")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _text_source(value: str) -> str:
+    _no_control(value)  # a NUL in a path makes open() raise ValueError at build time
+    source = parse_text_source(value)  # ValueError says which forms are accepted
+    if source.kind == "file" and not source.paths:
+        raise ValueError("file: names no file; expected file:PATH[,PATH...]")
+    return value
+
+
+TextSpec = Annotated[str, AfterValidator(_text_source)]  # builtin | file:PATH[,PATH] | hf:REPO:CONFIG:SPLIT:COLUMN
+
+
+_FORMAT_SETTINGS: dict[str, type[FormatSettings]] = {}
+
+
+class FormatSettings(_Strict):
+    """Base of a format's settings model (`formats.<name>`). A subclass that sets `format_name` is that format's
+    schema: defining it registers it (formats/<name>.py), and the loader offers what is registered."""
+
+    format_name: ClassVar[str] = ""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if "format_name" in cls.__dict__:
+            _FORMAT_SETTINGS[cls.format_name] = cls
+
+    def artifact_count(self) -> int:
+        return 1
+
+    @classmethod
+    def gate_type(cls, key: str, qtype: str) -> str:
+        """The type part of a gate key such as `gguf/Q4_K_M`, checked; formats without types refuse one."""
+        fmt = key.split("/")[0]
+        raise ValueError(f"{key!r}: {fmt} makes one checkpoint; write {fmt!r} without a type")
+
+
+def format_settings() -> dict[str, type[FormatSettings]]:
+    """Format name -> settings model, for every format whose module has been imported."""
+    return dict(_FORMAT_SETTINGS)
+
+
+class CalibratedSettings(FormatSettings):
+    """What formats calibrated on text share (GPTQ, AWQ): bit width, groups, and their own calibration text."""
+
+    bits: int = 4
+    # columns that share one scale; -1 = one group per row. Must divide every quantized layer's input size.
+    group_size: int = 128
+    # unset: the model's `calibration` settings
+    samples: int | None = Field(None, ge=1, le=100000)
+    seq_len: int | None = Field(None, ge=16, le=32768)
+    dataset: TextSpec | None = None
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value != -1 and value < 16:
+            raise ValueError("expected -1 (one group per row) or a size of at least 16, such as 32, 64 or 128")
+        return value
+
+    def quantize_params(self) -> dict[str, Any]:
+        """The settings the quantization itself uses (its calibration text is a step of its own)."""
+        return self.model_dump(exclude={"samples", "seq_len", "dataset"})
+
+
+class CalibrationSettings(_Strict):
+    """`calibration`: the text GPTQ, AWQ and the GGUF importance matrix are calibrated on."""
+
+    dataset: TextSpec = "builtin"
+    samples: int = Field(128, ge=1, le=100000)
+    seq_len: int = Field(512, ge=16, le=32768)
+
+
+class Formats(_Strict):
+    """`formats`: one optional field per registered format (the loader makes the subclass that has them)."""
+
+    def enabled(self) -> list[str]:
+        return [name for name in type(self).model_fields if getattr(self, name) is not None]
+
+    def settings(self, name: str) -> FormatSettings:
+        return getattr(self, name)
+
+
+class PublishTarget(_Strict):
+    """`publish`: where finished, verified artifacts go."""
+
+    to: str = "dir:./dist"  # hub | dir:PATH
+    namespace: str = "local"
+    private: bool = False
+    repo: str = "{model}-{FORMAT}"
+    # larger GGUF files are published as llama.cpp split shards (the Hub refuses files over 50 GB)
+    max_file_size: str | int = "48GB"
+
+    @field_validator("max_file_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> str | int:
+        from ..toolchains.gguf_split import parse_size
+
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise ValueError("expected a size such as 48GB, 500MB or 2GiB")
+        try:
+            size = parse_size(value)
+        except (ValueError, OverflowError):  # OverflowError: '1e400GB' is an infinite float
+            raise ValueError("expected a size such as 48GB, 500MB or 2GiB") from None
+        if size < 1_000_000:
+            raise ValueError("must be at least 1MB")
+        return value
+
+    @field_validator("to")
+    @classmethod
+    def _known_publisher(cls, value: str) -> str:
+        if (value.startswith("dir:") and value[4:].strip()) or value == "hub":
+            return _no_control(value)
+        raise ValueError("expected hub, or dir:PATH (a folder laid out like Hub repos)")
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        return _check_name(value, "it is the first part of each repo id")
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_template(cls, value: str) -> str:
+        # only bare placeholders: a format spec such as {model:>999999999} would build a gigabyte string
+        try:
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(value)
+                      if name is not None]
+        except ValueError as exc:
+            raise ValueError(f"bad template ({exc}); placeholders: {{model}} {{format}} {{FORMAT}}") from None
+        for name, spec, conv in fields:
+            if name not in _TEMPLATE_FIELDS or spec or conv:
+                raise ValueError(f"bad placeholder {{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
+                                 "; placeholders: {model} {format} {FORMAT}")
+        if not _NAME_RE.fullmatch(value.format(model="m", format="f", FORMAT="F")):
+            raise ValueError("the rendered repo name may use letters, digits, '.', '_' or '-'")
+        return value
+
+    def repo_name(self, model: str, fmt: str) -> str:
+        return self.repo.format(model=model, format=fmt, FORMAT=fmt.upper())
+
+
+class EvaluationSettings(_Strict):
+    """`evaluation`: the perplexity / KL smoke test against the source model, and its gates."""
+
+    dataset: TextSpec = "builtin"
+    ctx: int = Field(512, ge=16, le=32768)
+    chunks: int = Field(32, ge=1, le=100000)
+    # gates: keys are a format ("gguf") or a format and type ("gguf/Q4_K_M"); the most specific wins
+    max_ppl_increase: dict[str, float] = Field(default_factory=dict)
+    max_kld: dict[str, float] = Field(default_factory=dict)
+    tokenizer_check: bool = True
+
+    @field_validator("ctx")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError("must be even (the second half of each window is scored)")
+        return value
+
+    @field_validator("max_ppl_increase", "max_kld")
+    @classmethod
+    def _gate_keys(cls, value: dict[str, float]) -> dict[str, float]:
+        """Keys are FORMAT or FORMAT/TYPE of a registered format."""
+        formats = format_settings()
+        out = {}
+        for key, limit in value.items():
+            fmt, _, qtype = key.partition("/")
+            if fmt not in formats:
+                raise ValueError(f"{key!r}: unknown format {fmt!r} (formats: {', '.join(formats)})")
+            if qtype:
+                qtype = formats[fmt].gate_type(key, qtype)
+            if not math.isfinite(limit) or limit < 0:  # NaN would pass `limit < 0` and every gate
+                raise ValueError(f"{key!r}: must be >= 0 and finite")
+            out[f"{fmt}/{qtype.upper()}" if qtype else fmt] = limit
+        return out
+
+    def gate(self, table: str, fmt: str, qtype: str | None, default: float | None) -> float | None:
+        limits = getattr(self, table)
+        if qtype and f"{fmt}/{qtype}" in limits:
+            return limits[f"{fmt}/{qtype}"]
+        return limits.get(fmt, default)
+
+
+class ModelSettings(_Strict):
+    """Everything a model may inherit from `defaults`."""
+
+    revision: str = "main"
+    trust_remote_code: bool = False
+    allow_patterns: list[Annotated[str, Field(min_length=1)]] | None = None
+    formats: Formats = Formats()
+    publish: PublishTarget = PublishTarget()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    calibration: CalibrationSettings = CalibrationSettings()
+    # the GitHub Actions runner of this model's nightly leg (`plan --github-matrix`): a label, or a list of labels
+    # a runner must have all of ([self-hosted, gpu])
+    runner: str | list[str] = "ubuntu-latest"
+
+    @field_validator("runner")
+    @classmethod
+    def _runner(cls, value: str | list[str]) -> str | list[str]:
+        labels = [value] if isinstance(value, str) else value
+        if not labels or any(not label.strip() or _CONTROL_RE.search(label) or label != label.strip()
+                             for label in labels):
+            raise ValueError("expected a runner label such as ubuntu-latest, or a list such as [self-hosted, gpu]")
+        return value
+
+    # the Hub licence id the model's repos declare (unset: the source card's); `other` takes a name and a link
+    license: Annotated[str, AfterValidator(check_license)] | None = None
+    license_name: Annotated[str, AfterValidator(check_license_name)] | None = None
+    license_link: Annotated[str, AfterValidator(check_license_link)] | None = None
+
+    @model_validator(mode="after")
+    def _licence(self) -> ModelSettings:
+        check_release(self)
+        return self
+
+    @field_validator("revision", mode="before")
+    @classmethod
+    def _revision_is_text(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("YAML read this revision as true/false; put it in quotes")
+        if isinstance(value, int | float):
+            raise ValueError("YAML read this revision as a number; put it in quotes")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str) -> str:
+        if not _REVISION_RE.fullmatch(value):
+            raise ValueError("expected a branch, tag or commit sha: not empty, no spaces or control characters, "
+                             "none of ~^:?*[\\")
+        return value
+
+
+class ModelTarget(ModelSettings):
+    """One entry of `models`."""
+
+    name: str
+    source: str
+    # the Hub repo the source is a copy of: its repos' model tree (unset: a Hub source is its own). Not a default:
+    # one base model for every model would be wrong for all but one
+    base_model: str | None = None
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, value: str | None) -> str | None:
+        if value is not None and (not _REPO_ID_RE.fullmatch(value) or any(len(p) > MAX_NAME for p in value.split("/"))):
+            raise ValueError("expected a Hub repo id (org/name): the model the source is a copy of")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_name(value, "it names files, folders and repos")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if is_local_source(value):
+            return _no_control(value)
+        if not _REPO_ID_RE.fullmatch(value):
+            raise ValueError("expected a Hub repo id (org/name) or a local folder starting with ./, ../, / or ~")
+        if any(len(part) > MAX_NAME for part in value.split("/")):
+            raise ValueError(f"a Hub repo id's parts are at most {MAX_NAME} characters each")
+        return value
+
+    @model_validator(mode="after")
+    def _has_formats(self) -> ModelTarget:
+        if not self.formats.enabled():
+            raise ValueError(f"no formats: add formats.<{'|'.join(type(self.formats).model_fields)}>")
+        return self
+
+
+def is_local_source(source: str) -> bool:
+    return source.startswith((".", "/", "~"))
+
+
+@dataclass(frozen=True)
+class Targets:
+    """A validated targets file."""
+
+    path: Path
+    models: tuple[ModelTarget, ...]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def resolve_path(self, value: str) -> Path:
+        """A path written in the file, relative to the file's folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+
+def with_publish_to(targets: Targets, to: str) -> Targets:
+    """The same targets, every model publishing to `to` (quantforge push --to)."""
+    try:
+        PublishTarget(to=to)
+    except ValidationError as exc:
+        raise BadInputError(f"--to {to}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    models = tuple(m.model_copy(update={"publish": m.publish.model_copy(update={"to": to})}) for m in targets.models)
+    return Targets(path=targets.path, models=models)
+
+

@@ -1,0 +1,85 @@
+"""Step kinds, registered where they are implemented.
+
+    @step_kind("gguf.quantize", version="1", stage="artifact")
+    def run_quantize(step: Step, ctx: StepContext) -> dict: ...
+
+A kind's version is part of every key of that kind: bump it when the implementation changes what it produces,
+and exactly those outputs (and what was made from them) become stale. A kind whose effect lives outside the
+work dir (publishing) may give a `check` that says whether a cached output still holds, and a `published` look-up
+that reads the record the destination keeps (so that a run without the work dir can tell it is up to date). A kind
+whose output is large and read only within one build (the F16 intermediate, the artifacts) says `evict=True`:
+`build --evict` deletes such an output once every step of the build that reads it has run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# (step, context) -> the step's data (a dict, or a typed result with to_json()); kept loose here because the
+# step contract (core/step.py) builds on this module
+RunFn = Callable[..., Any]
+CheckFn = Callable[..., Any]  # (step, cached manifest) -> a Reason why the cached output no longer holds, or None
+PublishedFn = Callable[..., Any]  # (step) -> the destination's record (core.step.Published)
+
+# What a step is in an artifact's life; the report groups an artifact's steps by these. "extra": a file a format
+# publishes once per repo, beside its artifacts (the importance matrix).
+STAGES = ("", "artifact", "verify", "evaluate", "gate", "extra", "publish")
+
+
+@dataclass(frozen=True)
+class StepKind:
+    kind: str
+    run: RunFn
+    version: str
+    stage: str = ""
+    check: CheckFn | None = None
+    published: PublishedFn | None = None
+    evict: bool = False
+
+
+_KINDS: dict[str, StepKind] = {}
+
+
+class UnknownStepKind(LookupError):
+    """A step of a kind nobody registered: its module was not imported (a programming error)."""
+
+
+def register(kind: str, run: RunFn, *, version: str = "0", stage: str = "", check: CheckFn | None = None,
+             published: PublishedFn | None = None, evict: bool | None = None) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"{kind}: unknown stage {stage!r}")
+    existing = _KINDS.get(kind)
+    if existing is not None and existing.run is not run and existing.run.__module__ != run.__module__:
+        raise ValueError(f"step kind {kind!r} is registered twice ({existing.run.__module__}, {run.__module__})")
+    # an artifact's bytes are needed until it is published, not after: evictable unless a kind says otherwise
+    _KINDS[kind] = StepKind(kind, run, version, stage, check, published,
+                            stage == "artifact" if evict is None else evict)
+
+
+def step_kind(kind: str, *, version: str, stage: str = "", check: CheckFn | None = None,
+              published: PublishedFn | None = None, evict: bool | None = None) -> Callable[[RunFn], RunFn]:
+    """Register the decorated function as the implementation of `kind`."""
+
+    def decorate(run: RunFn) -> RunFn:
+        register(kind, run, version=version, stage=stage, check=check, published=published, evict=evict)
+        return run
+
+    return decorate
+
+
+def kind_info(kind: str) -> StepKind:
+    try:
+        return _KINDS[kind]
+    except KeyError:
+        raise UnknownStepKind(f"no step kind {kind!r} is registered (registered: {', '.join(sorted(_KINDS))})") \
+            from None
+
+
+def kind_version(kind: str) -> str:
+    return kind_info(kind).version
+
+
+def registered_kinds() -> dict[str, StepKind]:
+    return dict(_KINDS)

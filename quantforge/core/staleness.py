@@ -1,0 +1,78 @@
+"""Why a step must run, as data: cheapest checks first, shared by `plan` and `build`.
+
+The work dir is asked first. A step it does not hold may still be up to date where its output lives outside the
+work dir: a publish step whose destination's record (quantforge.json) carries its key has nothing to do, and then
+nothing upstream of it has either. That record is what a nightly run with a fresh work dir judges by.
+"""
+
+from __future__ import annotations
+
+from ..store import WorkDir
+from .registry import kind_info
+from .step import Published, Reason, Step
+
+
+def stale_reasons(step: Step, work: WorkDir, *, remote: bool = True) -> list[Reason]:
+    """Why `step` must run; empty when its output is in the cache (and, where the kind can tell, still holds), or
+    when (`remote`) the destination's record says it was published with this very key."""
+    manifest = work.lookup(step.kind, step.key)
+    if manifest is not None:
+        check = kind_info(step.kind).check
+        problem = check(step, manifest) if check else None
+        return [problem] if problem else []
+    record = published_record(step) if remote else None
+    if record is not None and record.key == step.key:
+        return []
+    last = work.last_state(step.label)
+    if last is None:
+        # no local history: the published record says what changed since, when there is one
+        return since_published(step, record) if record is not None else [Reason("never-built")]
+    if last.get("key") == step.key:
+        return [Reason("output-missing")]
+    now = step.fingerprint()
+    reasons = []
+    for table in ("params", "tools"):
+        before, after = last.get(table, {}), now[table]
+        reasons += [Reason(table, k, before.get(k), after.get(k)) for k in sorted(set(after) | set(before))
+                    if before.get(k) != after.get(k)]
+    reasons += [Reason("input", role) for role in sorted(now["inputs"])
+                if last.get("inputs", {}).get(role) != now["inputs"][role]]
+    return reasons or [Reason("inputs")]
+
+
+def published_record(step: Step) -> Published | None:
+    """The destination's record of `step`'s output, for kinds that publish; None for the others."""
+    lookup = kind_info(step.kind).published
+    return lookup(step) if lookup else None
+
+
+def upstream_keys(step: Step) -> dict[str, str]:
+    """label -> key of `step` and every step it depends on: what a published record keeps."""
+    out: dict[str, str] = {}
+    stack = [step]
+    while stack:
+        current = stack.pop()
+        if current.label not in out:
+            out[current.label] = current.key
+            stack.extend(current.inputs.values())
+    return dict(sorted(out.items()))
+
+
+def since_published(step: Step, record: Published) -> list[Reason]:
+    """What changed since the recorded publication: the first steps whose keys differ (a new source commit names
+    the source step alone, not everything made from it), and steps the record has that the plan no longer does."""
+    if record.key is None or not record.steps:
+        return [Reason("unpublished", new=record.location)]
+    graph: dict[str, Step] = {}
+    stack = [step]
+    while stack:
+        current = stack.pop()
+        if current.label not in graph:
+            graph[current.label] = current
+            stack.extend(current.inputs.values())
+    changed = {label for label, s in graph.items() if record.steps.get(label) != s.key}
+    reasons = [Reason("since-published", label, new="changed" if label in record.steps else "new")
+               for label in sorted(changed) if not any(d.label in changed for d in graph[label].inputs.values())]
+    reasons += [Reason("since-published", label, new="removed") for label in sorted(record.steps)
+                if label not in graph]
+    return reasons or [Reason("since-published", step.label, new="changed")]

@@ -1,0 +1,85 @@
+"""Calibration: token windows cut once per (source, text, samples, seq_len) and shared by every method that
+calibrates; and the importance matrix that GGUF quantization weighs its errors with.
+
+    source ─► calibration ─┬► gguf.imatrix ─► gguf.quantize[type]   (every type reuses one matrix)
+                           ├► gptq.quantize
+                           └► awq.quantize
+
+The importance matrix is what llama.cpp's `llama-imatrix` tool computes — the mean squared activation of each
+input column of each weight matrix over the calibration tokens — collected here with forward hooks on the
+source model in torch (llama.cpp's tool needs a GGUF and a compiled binary the wheel does not ship). Entries
+are stored under Hugging Face module names; the quantize step maps them to GGUF tensor names with the
+converter's own name map, so the matrix does not depend on the converter version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config.schema import ModelTarget, Targets
+from ..core.registry import step_kind
+from ..core.step import PlanContext, Step, StepContext, StepOutput
+from ..data import cut_calibration, load_text, text_identity
+from ..toolchains import torch_worker
+from .evaluation import local_text_source
+from .source import bos_added, load_tokenizer
+
+CALIBRATION_FILE = "calibration.npy"
+IMATRIX_FILE = "imatrix.npz"
+
+
+def calibration_step(model: ModelTarget, targets: Targets, source: Step, context: PlanContext, *,
+                     dataset: str | None = None, samples: int | None = None, seq_len: int | None = None) -> Step:
+    """The calibration windows for `model`; formats that ask for the same text share one step."""
+    default = model.calibration
+    dataset = dataset or default.dataset
+    samples = samples or default.samples
+    seq_len = seq_len or default.seq_len
+    text = text_identity(dataset, targets.base_dir, context.memo)
+    label = f"{model.name}:calibration"
+    if (dataset, samples, seq_len) != (default.dataset, default.samples, default.seq_len):
+        label += f"-{samples}x{seq_len}"
+        if dataset != default.dataset:
+            label += "-" + hashlib.sha256(text.spec.encode()).hexdigest()[:8]
+    return context.memo(f"step:{label}", lambda: Step(
+        "calibration", label, params={"dataset": text.spec, "text_sha256": text.digest, "samples": samples,
+                                      "seq_len": seq_len},
+        inputs={"source": source}, model=model.name, local={"dataset": text.local}))
+
+
+def imatrix_step(model: ModelTarget, source: Step, calibration: Step) -> Step:
+    return Step("gguf.imatrix", f"{model.name}/gguf:imatrix", params={"statistic": "mean_squared_input"},
+                inputs={"source": source, "calibration": calibration}, model=model.name, fmt="gguf")
+
+
+# ------------------------------------------------------------------------------------------------ runners
+
+@step_kind("calibration", version="2")  # 2: BOS only when the tokenizer adds one
+def run_calibration(step: Step, ctx: StepContext) -> dict[str, Any]:
+    text = load_text(local_text_source(step))
+    tokenizer = load_tokenizer(Path(ctx.inputs["source"].data["path"]))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = bos_added(tokenizer)
+    windows, first = cut_calibration(ids, step.params["seq_len"], step.params["samples"], bos)
+    np.save(ctx.out_dir / CALIBRATION_FILE, windows)
+    return {"text_tokens": len(ids), "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+            "first_token": first, "bos_id": tokenizer.bos_token_id, "adds_bos": bos is not None}
+
+
+@step_kind("gguf.imatrix", version="1")
+def run_imatrix(step: Step, ctx: StepContext) -> dict[str, Any]:
+    # in a child process, streamed layer by layer when the model would not fit whole (see torch_worker)
+    result = torch_worker.imatrix(Path(ctx.inputs["source"].data["path"]),
+                                  ctx.inputs["calibration"].file(CALIBRATION_FILE), ctx.out_dir / IMATRIX_FILE,
+                                  ctx.log_path, label=step.label, progress=ctx.progress)
+    return {"entries": result.pop("entries"), "tokens": result.pop("tokens"),
+            "calibration": calibration_settings(ctx.inputs["calibration"]), **result}
+
+
+def calibration_settings(calibration: StepOutput) -> dict[str, Any]:
+    """The text, samples and window length a calibration step used, as cards and manifests describe them."""
+    return {k: calibration.params[k] for k in ("dataset", "samples", "seq_len")}

@@ -1,0 +1,251 @@
+"""Quantized Hugging Face checkpoints made by GPTQModel, checked by their real consumer, transformers, before
+they may be published. GPTQ and AWQ (formats/gptq.py, formats/awq.py) share these steps and differ only in
+their settings model, which also says what GPTQModel is asked for and what the card shows.
+
+    source ─► calibration ─► <method>.quantize ─► checkpoint.verify ─► checkpoint.evaluate ─► gate ─► publish
+
+quantize: the group size is checked against every layer first, then GPTQModel runs in its own process;
+verify: transformers loads the folder (GPTQModel's kernels) and greedily generates; evaluate: perplexity, KL
+divergence and top-1 agreement against the source on the harness's windows, the saved tokenizer against the
+source's, and the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..card import format_size, hub_url, render_card
+from ..chat_template import has_chat_template
+from ..config.schema import ModelTarget
+from ..core.formats import (
+    AdhocArtifact,
+    CardInputs,
+    EvalSteps,
+    PlannedFormat,
+    Publishable,
+    PublishedArtifact,
+    RepoFile,
+    format_named,
+)
+from ..core.registry import step_kind
+from ..core.step import PlanContext, Step, StepContext, StepOutput
+from ..errors import BadInputError
+from ..toolchains import gptqmodel
+from .calibration import CALIBRATION_FILE, calibration_settings
+from .evaluation import REFERENCE_FILE, SAMPLE_FILE, VERIFY_PROMPT, VERIFY_TOKENS, WINDOWS_FILE
+from .gate import gate_step
+from .source import DEFAULT_ALLOW_PATTERNS, local_digest
+
+CHECKPOINT_DIR = "checkpoint"
+# default gate by bit width: the largest relative perplexity increase over the source on the same windows
+DEFAULT_MAX_PPL_INCREASE_BY_BITS = {8: 0.02, 4: 0.12, 3: 0.35, 2: 1.0}
+CALIBRATION_FIELDS = ("samples", "seq_len", "dataset")
+
+
+class CheckpointSettings(Protocol):
+    """What a GPTQModel format's settings model offers (formats/gptq.py, formats/awq.py)."""
+
+    bits: int
+    group_size: int
+    samples: int | None
+    seq_len: int | None
+    dataset: str | None
+
+    def quantize_params(self) -> dict[str, Any]: ...
+
+    def gptqmodel_config(self) -> dict[str, Any]: ...
+
+    def card_settings(self) -> list[str]: ...
+
+
+def plan_checkpoint(method: str, target: CheckpointSettings, model: ModelTarget, source: Step,
+                    evaluation: EvalSteps, context: PlanContext, calibration) -> PlannedFormat:
+    tools = {"gptqmodel": context.memo("gptqmodel", gptqmodel.gptqmodel_version)}
+    calib = calibration(dataset=target.dataset, samples=target.samples, seq_len=target.seq_len)
+    quantize = Step(kind=f"{method}.quantize", label=f"{model.name}/{method}:quantize",
+                    params={**target.quantize_params(), "trust_remote_code": model.trust_remote_code},
+                    inputs={"source": source, "calibration": calib}, tools=tools, model=model.name, fmt=method)
+    verify = Step(kind="checkpoint.verify", label=f"{model.name}/{method}:verify",
+                  params={"prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS,
+                          "trust_remote_code": model.trust_remote_code}, inputs={"artifact": quantize},
+                  tools=tools, model=model.name, fmt=method)
+    evaluate = evaluate_step(f"{model.name}/{method}:evaluate", quantize, evaluation, source, context, method,
+                             model.name, model.trust_remote_code)
+    gate = gate_step(f"{model.name}/{method}:gate", method, None, evaluate, verify, evaluation.settings,
+                     DEFAULT_MAX_PPL_INCREASE_BY_BITS.get(target.bits), context.enforce_gates, model.name)
+    return PlannedFormat(steps=[quantize, verify, evaluate, gate],
+                         publishable=[Publishable(method, quantize, gate)])
+
+
+def evaluate_step(label: str, artifact: Step, evaluation: EvalSteps, source: Step, context: PlanContext,
+                  method: str, model: str = "", trust_remote_code: bool = False) -> Step:
+    """Score `artifact` in transformers on the model's evaluation windows (builds and `quantforge eval` alike)."""
+    return Step(kind="checkpoint.evaluate", label=label, params={"trust_remote_code": trust_remote_code},
+                inputs={"artifact": artifact, "tokens": evaluation.tokens, "reference": evaluation.reference,
+                        "source": source},
+                tools={"gptqmodel": context.memo("gptqmodel", gptqmodel.gptqmodel_version)}, model=model, fmt=method)
+
+
+def adhoc(method: str, path: Path, source: Step, evaluation: EvalSteps, context: PlanContext
+          ) -> AdhocArtifact | None:
+    """`quantforge eval DIR`: a GPTQ or AWQ checkpoint made elsewhere, identified by its content."""
+    if not path.is_dir():
+        return None
+    try:
+        config = _json_file(path / "config.json")
+    except (OSError, ValueError):
+        raise BadInputError(f"{path}: no readable config.json; expected a GPTQ or AWQ checkpoint folder") from None
+    found = (config.get("quantization_config") or {}).get("quant_method")
+    if found not in ("gptq", "awq"):
+        raise BadInputError(f"{path}: config.json has quant_method {found!r}; expected gptq or awq")
+    if found != method:
+        return None
+    digest = context.memo(f"local:{path}", lambda: local_digest(path, list(DEFAULT_ALLOW_PATTERNS),
+                                                                 context.work.root))
+    artifact = Step(kind="checkpoint.external", label=f"{path.name}:artifact",
+                    params={"path": str(path), "digest": digest})
+    return AdhocArtifact(method, artifact, evaluate_step(f"{path.name}:evaluate", artifact, evaluation, source,
+                                                         context, method))
+
+
+@step_kind("checkpoint.external", version="1", stage="artifact")
+def run_external(step: Step, ctx: StepContext) -> dict[str, Any]:
+    path = Path(step.params["path"])
+    return {"path": str(path), "quantization_config": _json_file(path / "config.json")["quantization_config"]}
+
+
+def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
+    method = step.kind.split(".")[0]
+    source_dir = Path(ctx.inputs["source"].data["path"])
+    # fail in a second, naming the layer, rather than after an hour of calibration
+    layers, n_params = gptqmodel.quantized_linears(source_dir, step.params["trust_remote_code"], ctx.log_path)
+    gptqmodel.check_shapes(method, step.params["group_size"], layers)
+    out = ctx.out_dir / CHECKPOINT_DIR
+    settings = {k: v for k, v in step.params.items() if k != "trust_remote_code"}
+    config_kwargs = format_named(method).settings.model_validate(settings).gptqmodel_config()
+    result = gptqmodel.quantize(method, source_dir, out, ctx.inputs["calibration"].file(CALIBRATION_FILE),
+                                config_kwargs, step.params["trust_remote_code"], ctx.log_path, ctx.out_dir,
+                                progress=ctx.progress)
+    shutil.rmtree(ctx.out_dir / "offload", ignore_errors=True)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    size = sum((out / f).stat().st_size for f in files)
+    config = _json_file(out / "config.json")
+    n_weights = sum(n_in * n_out for n_in, n_out in layers.values())
+    return {"method": method, **settings, "calibration": calibration_settings(ctx.inputs["calibration"]),
+            "dir": CHECKPOINT_DIR, "checkpoint_files": files, "size": size,
+            "quantized_layers": len(layers), "quantized_weights": n_weights, "n_params": n_params,
+            "bits_per_weight": round(size * 8 / n_params, 3),
+            "architecture": config.get("model_type"), "quantization_config": config.get("quantization_config"),
+            "has_chat_template": has_chat_template(out), **result}
+
+# both methods quantize through the one implementation above
+step_kind("gptq.quantize", version="1", stage="artifact")(run_quantize)
+step_kind("awq.quantize", version="1", stage="artifact")(run_quantize)
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def checkpoint_path(artifact: StepOutput) -> Path:
+    """A built checkpoint lives in its step folder; an external one (quantforge eval DIR) where it is."""
+    if artifact.manifest.get("kind") == "checkpoint.external":
+        return Path(artifact.params["path"])
+    return artifact.file(artifact.data["dir"])
+
+
+@step_kind("checkpoint.verify", version="1", stage="verify")
+def run_verify(step: Step, ctx: StepContext) -> dict[str, Any]:
+    return gptqmodel.load_and_generate(checkpoint_path(ctx.inputs["artifact"]), step.params["prompt"],
+                                       step.params["tokens"], ctx.log_path, ctx.out_dir,
+                                       step.params["trust_remote_code"])
+
+
+@step_kind("checkpoint.evaluate", version="1", stage="evaluate")
+def run_evaluate(step: Step, ctx: StepContext) -> dict[str, Any]:
+    artifact = ctx.inputs["artifact"]
+    tokens = ctx.inputs["tokens"]
+    result = gptqmodel.evaluate(checkpoint_path(artifact), tokens.file(WINDOWS_FILE),
+                                ctx.inputs["reference"].file(REFERENCE_FILE), tokens.file(SAMPLE_FILE),
+                                ctx.log_path, ctx.out_dir, step.params["trust_remote_code"], progress=ctx.progress)
+    source_has_template = ctx.inputs["source"].data.get("has_chat_template", False)
+    result["chat_template_missing"] = bool(source_has_template and not result["chat_template"])
+    return result
+
+
+class CheckpointFormat:
+    """A format GPTQModel makes (formats/gptq.py, formats/awq.py): a subclass names it and its settings."""
+
+    name: str
+    settings: type[Any]
+    card_template = "checkpoint_card.md.jinja"
+
+    def plan(self, model: ModelTarget, settings: CheckpointSettings, source: Step, evaluation: EvalSteps,
+             context: PlanContext, calibration) -> PlannedFormat:
+        return plan_checkpoint(self.name, settings, model, source, evaluation, context, calibration)
+
+    def published_files(self, output: StepOutput, scratch: Path, max_file_size: int) -> PublishedArtifact:
+        return published_files(output)
+
+    def render_card(self, card: CardInputs) -> str:
+        return render_checkpoint_card(card, self.name, self.card_template)
+
+    def repo_files(self, card: CardInputs, scratch: Path) -> tuple[RepoFile, ...]:
+        return ()  # the checkpoint folder is the repo: its generation config already travels with it
+
+    def adhoc(self, path: Path, source: Step, evaluation: EvalSteps, context: PlanContext) -> AdhocArtifact | None:
+        return adhoc(self.name, path, source, evaluation, context)
+
+
+def published_files(output: StepOutput) -> PublishedArtifact:
+    """A checkpoint folder's files go to the repo's root."""
+    prefix = output.data["dir"] + "/"
+    return PublishedArtifact({rel[len(prefix):]: (output.file(rel), meta["sha256"])
+                              for rel, meta in output.files().items() if rel.startswith(prefix)})
+
+
+def render_checkpoint_card(card: CardInputs, fmt: str, template: str) -> str:
+    """The card of a GPTQ or AWQ repo: one checkpoint, its settings, its measurements, and how to load it."""
+    from ..card import calibration_desc, eval_desc, measured
+
+    built = card.artifacts[0]
+    q, g = built.output.data, built.gate.data
+    arch = q.get("architecture")
+    settings_model = format_named(fmt).settings
+    settings = settings_model.model_validate({k: q[k] for k in settings_model.model_fields if k in q})
+    return render_card(
+        template, card.source, card.namespace, "transformers",
+        {fmt, f"{q['bits']}-bit", "gptqmodel", *([arch] if arch else [])}, card.release,
+        repo_id=card.repo_id, model=card.model, fmt=fmt, FMT=fmt.upper(),
+        compatibility=compatibility(fmt, q["bits"], card.repo_id, dict(card.release.siblings).get("gguf")),
+        settings=", ".join(settings.card_settings()), size=format_size(q["size"]), **measured(q, g),
+        source_ppl=f"{g['source_ppl']:.3f}" if "source_ppl" in g else "-",
+        tokens_scored=g.get("tokens_scored", 0), eval_desc=eval_desc(card.tokens),
+        calibration=calibration_desc(q.get("calibration")), device=q.get("device", "?"),
+        quantize_minutes=f"{q.get('quantize_seconds', 0) / 60:.1f}",
+        gptqmodel=built.output.tools.get("gptqmodel", "?"),
+    )
+
+
+def compatibility(fmt: str, bits: int, repo_id: str, gguf_repo: str | None) -> list[str]:
+    """Which runtimes load this checkpoint (Markdown lines). The classic GPTQ v1 / AWQ GEMM layouts are what each
+    of them reads; the versions are those that added the format to transformers."""
+    if fmt == "gptq":
+        lines = ["**transformers** ≥ 4.32 with `optimum` and a GPTQ kernel package: auto-gptq up to transformers 4.x, "
+                 "GPTQModel from transformers 5 on (auto-gptq no longer imports there)",
+                 "**vLLM** reads the GPTQ settings from `config.json` (NVIDIA GPUs; Marlin kernels for 4- and 8-bit "
+                 "checkpoints)",
+                 "**Text Generation Inference**: `--quantize gptq`"]
+        if bits not in (4, 8):
+            lines.append(f"{bits}-bit GPTQ has fewer fast kernels than 4- and 8-bit: check your runtime's list")
+    else:
+        lines = ["**transformers** ≥ 4.35: AutoAWQ up to transformers 4.x, GPTQModel from transformers 5 on "
+                 "(AutoAWQ is deprecated and does not import there)",
+                 "**vLLM** reads the AWQ settings from `config.json` (NVIDIA GPUs; GEMM, 4-bit)",
+                 "**Text Generation Inference**: `--quantize awq`"]
+    gguf = f"[{gguf_repo}]({hub_url(gguf_repo)})" if gguf_repo else "a GGUF build of the model"
+    lines.append(f"**llama.cpp, Ollama, LM Studio** do not load {fmt.upper()} checkpoints: use {gguf}")
+    return lines

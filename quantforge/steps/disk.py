@@ -1,0 +1,206 @@
+"""The disk a build needs, before anything runs: what `plan --github-matrix` puts on each leg, and what `build`
+checks before it downloads anything, so that a runner too small fails in a second with both numbers instead of
+hours in.
+
+Sizes come from what planning already knows: the source's file sizes (a Hub source's from the same request that
+resolves its revision, a local folder's from the folder), the intermediate's and each type's bits per weight.
+The build is replayed step by step over the filesystems it writes to (the work dir, the Hugging Face cache a Hub
+source is downloaded into, a `dir:` destination), adding each output when its step finishes and, with eviction,
+removing it once its last reader has run: the peak on each filesystem is what it must have free.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core.registry import kind_info
+from ..core.step import Step
+from ..errors import DiskFull
+from ..figures import format_size
+from ..gguf_types import BITS_PER_WEIGHT
+from ..store import mount_of
+from .source import source_folder
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+# the GGUF header holds the vocabulary and merges: about half the tokenizer files' size (JSON is verbose), again
+# in every file
+TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.json")
+INTERMEDIATE_BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "auto": 2.0}  # auto: a 16-bit type
+CHECKPOINT_KINDS = ("gptq.quantize", "awq.quantize")
+
+
+@dataclass(frozen=True)
+class SourceSize:
+    """What a source model weighs: all its files, its weights, their parameter count (assuming 16-bit weights
+    unless its config says otherwise), its tokenizer files."""
+
+    total_bytes: int
+    weight_bytes: int
+    params: int
+    vocab_bytes: int  # what its vocabulary adds to a GGUF header (and a checkpoint its tokenizer files)
+
+    @classmethod
+    def of(cls, source: Step) -> SourceSize:
+        files: dict[str, int] = dict(source.local.get("files") or {})
+        weights = sum(size for name, size in files.items() if _any(name, WEIGHT_PATTERNS))
+        tokenizer = sum(size for name, size in files.items() if _any(name, TOKENIZER_PATTERNS))
+        return cls(sum(files.values()), weights, int(weights / _itemsize(source)), tokenizer // 2)
+
+
+def _any(name: str, patterns: Iterable[str]) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatch(base, p) for p in patterns)
+
+
+def _itemsize(source: Step) -> int:
+    folder = source_folder(source)
+    if folder is not None:
+        import json
+
+        try:
+            config = json.loads((folder / "config.json").read_text())
+            dtype = str(config.get("torch_dtype") or config.get("dtype") or "")
+        except (OSError, ValueError):
+            dtype = ""
+        if dtype in ("float32", "fp32"):
+            return 4
+    return 2  # bf16/fp16: what nearly every checkpoint on the Hub ships
+
+
+def output_bytes(step: Step, size: SourceSize) -> int:
+    """About how much `step`'s output adds to the disk (0 for the small ones: windows, gates, logs)."""
+    if step.kind == "gguf.convert":
+        per_weight = INTERMEDIATE_BYTES_PER_WEIGHT.get(step.params.get("outtype", "auto"), 2.0)
+        return int(size.params * per_weight) + size.vocab_bytes
+    if step.kind == "gguf.quantize":
+        bits = BITS_PER_WEIGHT.get(step.params.get("type", ""), 16.0)
+        return int(size.params * bits / 8) + size.vocab_bytes
+    if step.kind in CHECKPOINT_KINDS:
+        # quantized linear layers plus the embeddings and head kept in 16 bits: an upper bound for large models
+        bits = int(step.params.get("bits", 4))
+        return int(size.params * 2 * min(1.0, bits / 16 + 0.15)) + size.vocab_bytes
+    return 0
+
+
+@dataclass
+class DiskUse:
+    """The peak one filesystem sees during a build, and what makes it up."""
+
+    mount: str
+    places: list[str] = field(default_factory=list)  # "work dir /x", "Hugging Face cache /y", ...
+    peak_bytes: int = 0
+    at_peak: dict[str, int] = field(default_factory=dict)  # label -> bytes, held at the peak
+
+    def free_bytes(self) -> int:
+        try:
+            return shutil.disk_usage(self.mount).free
+        except OSError:
+            return 0
+
+    def describe(self) -> str:
+        parts = sorted(self.at_peak.items(), key=lambda kv: -kv[1])
+        held = " + ".join(f"{label} {format_size(size)}" for label, size in parts[:4] if size)
+        more = f" + {len(parts) - 4} more" if len(parts) > 4 else ""
+        return f"{format_size(self.peak_bytes)} ({held}{more})" if held else format_size(self.peak_bytes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mount": self.mount, "places": self.places, "peak_bytes": self.peak_bytes,
+                "at_peak": dict(self.at_peak)}
+
+
+def disk_use(steps: Sequence[Step], todo: Iterable[str], *, work_root: Path, hf_cache: Path | None = None,
+             evict: bool = False, one_disk: bool = False) -> list[DiskUse]:
+    """Replay the steps in `todo` (plan order) and return the peak of each filesystem written to. `one_disk`:
+    count everything on one filesystem (a CI runner's), rather than this machine's mounts; no `hf_cache`: a Hub
+    source is downloaded whole."""
+    run = set(todo)
+    readers: dict[str, set[str]] = {s.label: set() for s in steps}
+    for step in steps:
+        for dep in step.inputs.values():
+            readers.setdefault(dep.label, set()).add(step.label)
+    uses: dict[str, DiskUse] = {}
+    held: dict[str, tuple[str, int]] = {}  # label -> (mount, bytes)
+    live: dict[str, dict[str, int]] = {}  # mount -> label -> bytes
+    finished: set[str] = set()
+
+    def place(path: Path, what: str) -> str:
+        mount = "one disk" if one_disk else mount_of(path)[1]
+        use = uses.setdefault(mount, DiskUse(mount))
+        if f"{what} {path}" not in use.places:
+            use.places.append(f"{what} {path}")
+        return mount
+
+    def add(label: str, mount: str, size: int) -> None:
+        if size <= 0:
+            return
+        held[label] = (mount, size)
+        live.setdefault(mount, {})[label] = size
+        total = sum(live[mount].values())
+        if total > uses[mount].peak_bytes:
+            uses[mount].peak_bytes, uses[mount].at_peak = total, dict(live[mount])
+
+    sizes: dict[str, SourceSize] = {}
+    for step in steps:
+        source = _source_of(step)
+        size = sizes.setdefault(source.label, SourceSize.of(source)) if source is not None else None
+        if step.label in run and size is not None:
+            if step.kind == "source" and source_folder(step) is None:  # a Hub source, into the HF cache
+                add(f"{step.model} source", place(hf_cache or work_root, "Hugging Face cache"),
+                    size.total_bytes if hf_cache is None else _missing_from_cache(step, hf_cache, size.total_bytes))
+            elif step.kind == "publish" and step.local.get("to", "").startswith("dir:"):
+                dest = Path(step.local["to"][4:])
+                add(f"{step.params['repo_id']} (published copy)", place(dest, "destination"),
+                    sum(output_bytes(d, size) for d in step.inputs.values()))
+            else:
+                add(step.label, place(work_root, "work dir"), output_bytes(step, size))
+        finished.add(step.label)
+        if evict:
+            for dep in step.inputs.values():
+                if dep.label in held and kind_info(dep.kind).evict and readers[dep.label] <= finished:
+                    mount, _ = held.pop(dep.label)
+                    live[mount].pop(dep.label, None)
+    return [u for u in uses.values() if u.peak_bytes > 0]
+
+
+def _source_of(step: Step) -> Step | None:
+    stack = [step]
+    while stack:
+        current = stack.pop()
+        if current.kind == "source":
+            return current
+        stack.extend(current.inputs.values())
+    return None
+
+
+def _missing_from_cache(source: Step, hf_cache: Path, total: int) -> int:
+    """The bytes of a Hub source's files its snapshot in the HF cache does not hold yet."""
+    snapshot = hf_cache / f"models--{source.params['source'].replace('/', '--')}" / "snapshots" / \
+        source.params["commit"]
+    files: dict[str, int] = dict(source.local.get("files") or {})
+    if not files:
+        return total
+    return sum(size for name, size in files.items() if not (snapshot / name).is_file())
+
+
+def check_disk(steps: Sequence[Step], todo: Iterable[str], *, work_root: Path, evict: bool) -> list[DiskUse]:
+    """The preflight: raise DiskFull naming each filesystem whose expected peak exceeds its free space."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    uses = disk_use(steps, todo, work_root=work_root, hf_cache=Path(HF_HUB_CACHE), evict=evict)
+    short = [(u, u.free_bytes()) for u in uses]
+    short = [(u, free) for u, free in short if u.peak_bytes > free]
+    if short:
+        lines = [f"{', '.join(u.places)}: need about {u.describe()}, {format_size(free)} free on {u.mount}"
+                 for u, free in short]
+        error = DiskFull("not enough disk for this build; refusing to start what would fail half-way:\n  "
+                         + "\n  ".join(lines))
+        error.hint = ("free space, point --work-dir or HF_HOME at a larger disk, build fewer types per run (--only), "
+                      "or --evict to delete intermediates and artifacts once used" if not evict else
+                      "free space, point --work-dir or HF_HOME at a larger disk, or build fewer types per run")
+        raise error
+    return uses

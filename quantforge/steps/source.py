@@ -1,0 +1,231 @@
+"""Source models: a local checkpoint folder, or a Hub repo at a revision resolved to a commit sha.
+
+A Hub revision (branch or tag) is resolved to its commit at plan time, so a new upstream commit makes the
+dependent steps stale and an unchanged one does not. A local folder is identified by a digest of its files'
+contents (hashes are memoized by size and mtime, so an unchanged 15 GB folder is not re-read every plan).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ..chat_template import has_chat_template
+from ..config.schema import ModelTarget, Targets, is_local_source
+from ..core.registry import step_kind
+from ..core.step import PlanContext, Step, StepContext
+from ..data import portable_path
+from ..errors import SourceError
+from ..store import NO_SPACE, canonical_json, disk_full, sha256_file, write_json_atomic
+
+# What a conversion or quantization needs: weights as safetensors, configs, tokenizer files, chat templates.
+DEFAULT_ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja",
+                          "README.md", "LICENSE*"]
+REMOTE_CODE_PATTERNS = ["*.py"]
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+def allow_patterns(model: ModelTarget) -> list[str]:
+    patterns = list(model.allow_patterns or DEFAULT_ALLOW_PATTERNS)
+    if model.trust_remote_code:
+        patterns += [p for p in REMOTE_CODE_PATTERNS if p not in patterns]
+    return patterns
+
+
+def source_step(model: ModelTarget, targets: Targets, context: PlanContext) -> Step:
+    patterns = allow_patterns(model)
+    # an existing folder is a local source even without ./ (as transformers decides), else a Hub repo id
+    if is_local_source(model.source) or targets.resolve_path(model.source).is_dir():
+        folder = targets.resolve_path(model.source)
+        digest = context.memo(f"local:{folder}", lambda: local_digest(folder, patterns, context.work.root))
+        # keyed by its content and its path as written (relative to the targets file), never the absolute folder
+        params: dict[str, Any] = {"source": portable_path(model.source), "digest": digest}
+        local: dict[str, Any] = {"folder": str(folder), "files": _local_sizes(folder, patterns)}
+    else:
+        commit, sizes = context.memo(f"hub:{model.source}@{model.revision}",
+                                     lambda: hub_revision_and_sizes(model.source, model.revision,
+                                                                    offline=context.offline))
+        params = {"source": model.source, "commit": commit, "allow_patterns": patterns}
+        local = {"files": {n: size for n, size in sizes.items() if _matches(Path(n), patterns)}}
+    return Step(kind="source", label=f"{model.name}:source", params=params, model=model.name, local=local)
+
+
+def source_folder(step: Step) -> Path | None:
+    """A local source step's folder on this machine (None for a Hub source)."""
+    folder = step.local.get("folder")
+    return Path(folder) if folder else None
+
+
+def _local_sizes(folder: Path, patterns: list[str]) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and _matches(p.relative_to(folder), patterns)}
+
+
+def local_digest(folder: Path, patterns: list[str], work_root: Path) -> str:
+    if not folder.is_dir():
+        raise SourceError(f"source folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        raise SourceError(f"source folder {folder} has no config.json: not a Hugging Face checkpoint")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and _matches(p.relative_to(folder), patterns))
+    memo_path = work_root / "state" / "file-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    entries = []
+    for path in files:
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+        cached = memo.get(str(path))
+        if not cached or cached[:2] != stamp:
+            cached = [*stamp, sha256_file(path)]
+            memo[str(path)] = cached
+        entries.append([str(path.relative_to(folder)), cached[2]])
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise disk_full(memo_path.parent, 4096) from None
+        raise
+    write_json_atomic(memo_path, memo)
+    return hashlib.sha256(canonical_json(entries).encode()).hexdigest()
+
+
+def _matches(rel: Path, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(rel.as_posix(), p) or fnmatch.fnmatch(rel.name, p) for p in patterns)
+
+
+def resolve_hub_revision(repo_id: str, revision: str, *, offline: bool = False) -> str:
+    """Branch, tag or sha -> the commit sha, from the Hub (or the local HF cache when offline)."""
+    return hub_revision_and_sizes(repo_id, revision, offline=offline)[0]
+
+
+def hub_revision_and_sizes(repo_id: str, revision: str, *, offline: bool = False) -> tuple[str, dict[str, int]]:
+    """(commit sha, file -> size) in one request: the sizes tell a nightly plan how much disk a model's build
+    needs before anything is downloaded. Offline, the sizes are those of the cached snapshot (or none)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    if offline:
+        commit = revision if _SHA_RE.match(revision) else _cached_ref(repo_id, revision)
+        return commit, _cached_sizes(repo_id, commit)
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    except GatedRepoError:
+        raise SourceError(f"{repo_id} is gated: accept its licence on the Hub and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise SourceError(f"{repo_id}: no such model repo (or it is private and no token was given)") from None
+    except RevisionNotFoundError:
+        raise SourceError(f"{repo_id}: no revision {revision!r}") from None
+    except HfHubHTTPError as exc:
+        if getattr(exc.response, "status_code", None) == 401:
+            raise SourceError(f"{repo_id}: the Hub refused the token (HTTP 401); set HF_TOKEN to a valid token or "
+                              "run hf auth login") from None
+        raise SourceError(f"{repo_id}@{revision}: the Hub answered {_first_line(exc)}; use --offline to build "
+                          "from the local Hugging Face cache") from None
+    except Exception as exc:  # httpx's transport errors are not OSErrors; all mean the Hub cannot be reached
+        raise SourceError(f"{repo_id}@{revision}: cannot reach the Hub to resolve the revision "
+                          f"({type(exc).__name__}: {_first_line(exc)}); use --offline to build from the local "
+                          "Hugging Face cache") from None
+    if not info.sha:
+        raise SourceError(f"{repo_id}@{revision}: the Hub returned no commit sha")
+    return info.sha, {s.rfilename: s.size for s in info.siblings or () if s.size is not None}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _cached_sizes(repo_id: str, commit: str) -> dict[str, int]:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    snapshot = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
+    return {p.relative_to(snapshot).as_posix(): p.stat().st_size for p in snapshot.rglob("*") if p.is_file()}
+
+
+def _cached_ref(repo_id: str, revision: str) -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    ref = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / revision
+    try:
+        return ref.read_text().strip()
+    except OSError:
+        raise SourceError(f"{repo_id}@{revision}: offline, and the local Hugging Face cache has no such "
+                          "revision; run once online or pin the commit sha") from None
+
+
+@step_kind("source", version="1")
+def run_fetch(step: Step, ctx: StepContext) -> dict[str, Any]:
+    """The source step's work: make the checkpoint available locally and describe it."""
+    params = step.params
+    if "digest" in params:
+        path = Path(step.local["folder"])
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            # into the shared HF cache: resumable, deduplicated, and not copied into the work dir
+            path = Path(snapshot_download(params["source"], revision=params["commit"],
+                                          allow_patterns=params["allow_patterns"]))
+        except Exception as exc:  # huggingface_hub raises many types; all mean the same here
+            raise SourceError(f"{params['source']}@{params['commit'][:12]}: download failed: {exc}") from exc
+        if not any(path.glob("*.safetensors")):
+            raise SourceError(f"{params['source']} has no *.safetensors weights; add the weight files' pattern "
+                              "to allow_patterns if it ships only .bin files")
+    return {"path": str(path), **describe_checkpoint(path)}
+
+
+def describe_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{path}/config.json: cannot read ({exc})") from None
+    return {
+        "architectures": config.get("architectures") or [],
+        "model_type": config.get("model_type"),
+        "has_chat_template": has_chat_template(path),
+    }
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "tokenizer.model", "merges.txt")
+
+
+def load_tokenizer(source_dir: Path) -> Any:
+    """The source's tokenizer; a broken file is named (transformers' own error often is a bare codec message)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source_dir)
+    except Exception as exc:  # transformers raises many types for one cause: a file it cannot read
+        for name in TOKENIZER_FILES:
+            path = source_dir / name
+            if path.suffix == ".json" and path.is_file():
+                try:
+                    json.loads(path.read_text(encoding="utf-8"))
+                except (UnicodeDecodeError, ValueError) as bad:
+                    raise SourceError(f"{path}: not a valid tokenizer file ({bad})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"{source_dir}: cannot load the tokenizer ({first[:300]})") from None
+
+
+def bos_added(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer itself prepends it (add_special_tokens=True), else None. Qwen-family
+    tokenizers define a BOS token but do not add one; llama.cpp follows the same rule."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if probe and probe[0] == bos else None
