@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from disks import small_disk
 from typer.testing import CliRunner
 
 from quantforge import cli
@@ -325,18 +326,6 @@ def test_a_huge_merge_stays_under_the_step_summary_limit(tmp_path):
 
 
 # ------------------------------------------------------------------------------- disk: preflight and eviction
-
-@contextmanager
-def small_disk(path: Path, size: str):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a size-capped tmpfs needs root (CI and the dev machines run as root)")
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
 
 @contextmanager
 def peak_use(path: Path):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from disks import fill, small_disk
 
 from quantforge.core.step import Step, StepContext, StepOutput
 from quantforge.errors import DiskFull, GateFailed
@@ -142,29 +141,6 @@ def test_two_builds_publishing_into_one_folder_at_once_both_succeed(tmp_path):
     assert errors == []
     repo = tmp_path / "out" / "acme" / "m-GGUF"
     assert sorted(p.name for p in repo.iterdir()) == ["README.md", "m-Q8_0.gguf", "quantforge.json"]
-
-
-@contextmanager
-def small_disk(path: Path, size: str):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a size-capped tmpfs needs root (CI and the dev machines run as root)")
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(path: Path, limit: int | None = None) -> None:
-    """Write zeros into `path` until the disk is full (or `limit` bytes are written)."""
-    written = 0
-    with open(path, "wb", buffering=0) as f:
-        while limit is None or written < limit:
-            try:
-                written += f.write(bytes(4096))
-            except OSError:
-                return
 
 
 def test_a_full_disk_during_a_folder_publish_says_so_and_leaves_no_partial_file(tmp_path):

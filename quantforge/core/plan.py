@@ -44,6 +44,17 @@ def with_dependencies(steps: tuple[Step, ...], wanted: Iterable[Step]) -> tuple[
     return tuple(s for s in steps if id(s) in keep)
 
 
+def upstream_of_kind(step: Step, kind: str) -> Step | None:
+    """The first step of `kind` among `step` and what it depends on (e.g. the source a quantization came from)."""
+    stack = [step]
+    while stack:
+        current = stack.pop()
+        if current.kind == kind:
+            return current
+        stack.extend(current.inputs.values())
+    return None
+
+
 def topological(steps: Iterable[Step]) -> tuple[Step, ...]:
     ordered: list[Step] = []
     seen: set[int] = set()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.plan import upstream_of_kind
 from ..core.registry import kind_info
 from ..core.step import Step
 from ..errors import DiskFull
@@ -146,7 +147,7 @@ def disk_use(steps: Sequence[Step], todo: Iterable[str], *, work_root: Path, hf_
 
     sizes: dict[str, SourceSize] = {}
     for step in steps:
-        source = _source_of(step)
+        source = upstream_of_kind(step, "source")
         size = sizes.setdefault(source.label, SourceSize.of(source)) if source is not None else None
         if step.label in run and size is not None:
             if step.kind == "source" and source_folder(step) is None:  # a Hub source, into the HF cache
@@ -165,16 +166,6 @@ def disk_use(steps: Sequence[Step], todo: Iterable[str], *, work_root: Path, hf_
                     mount, _ = held.pop(dep.label)
                     live[mount].pop(dep.label, None)
     return [u for u in uses.values() if u.peak_bytes > 0]
-
-
-def _source_of(step: Step) -> Step | None:
-    stack = [step]
-    while stack:
-        current = stack.pop()
-        if current.kind == "source":
-            return current
-        stack.extend(current.inputs.values())
-    return None
 
 
 def _missing_from_cache(source: Step, hf_cache: Path, total: int) -> int:

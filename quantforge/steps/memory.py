@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..core.plan import upstream_of_kind
 from ..core.step import Step
 from ..errors import OutOfMemory
 from ..figures import format_size
@@ -170,7 +171,7 @@ def _shapes(source_dir: Path) -> dict[str, int]:
 
 def _source_dir(step: Step) -> Path | None:
     """The source checkpoint's folder: a local source's, or a Hub source's snapshot when it is in the HF cache."""
-    source = _find_source(step)
+    source = upstream_of_kind(step, "source")
     if source is None:
         return None
     params = source.params
@@ -189,11 +190,3 @@ def _source_dir(step: Step) -> Path | None:
     return folder if (folder / "model.safetensors").is_file() else None
 
 
-def _find_source(step: Step) -> Step | None:
-    stack = [step]
-    while stack:
-        current = stack.pop()
-        if current.kind == "source":
-            return current
-        stack.extend(current.inputs.values())
-    return None

@@ -1,0 +1,34 @@
+"""Size-capped disks for tests: a tmpfs of a given size (root can mount one here, and CI runs as root)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+
+@contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-capped tmpfs needs root (CI and the dev machines run as root)")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: Path, limit: int | None = None) -> None:
+    """Write zeros into `path` until the disk is full (or `limit` bytes are written)."""
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        while limit is None or written < limit:
+            try:
+                written += f.write(bytes(4096))
+            except OSError:
+                return
