@@ -20,7 +20,7 @@ from .config.schema import ModelTarget, is_local_source
 from .core.formats import ReleaseInfo
 from .core.step import StepOutput
 from .data import parse_text_source
-from .figures import format_pct, format_size
+from .figures import format_pct
 
 CARD_FILE = "README.md"
 HUB_URL = "https://huggingface.co"  # repo links in cards and GGUF metadata name the Hub, whatever `publish.to` is
@@ -29,7 +29,7 @@ EXAMPLE_CHAT = ({"role": "user", "content": "What is the capital of France?"},
                 {"role": "assistant", "content": "The capital of France is Paris."})
 
 __all__ = ["CARD_FILE", "HUB_URL", "calibration_desc", "card_template_version", "chat_example", "eval_desc",
-           "format_size", "hub_url", "measured", "public_text_name", "release_info", "render_card", "repo_id"]
+           "hub_url", "measured", "public_text_name", "release_info", "render_card", "repo_id"]
 
 
 def repo_id(model: ModelTarget, fmt: str) -> str:

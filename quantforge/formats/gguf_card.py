@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..card import calibration_desc, eval_desc, format_size, measured, render_card
+from ..card import calibration_desc, eval_desc, measured, render_card
 from ..core.formats import ReleaseInfo
 from ..core.step import StepOutput
+from ..figures import format_size
 from .gguf_release import imatrix_files, ollama_params, sampling_defaults
 
 CARD_TEMPLATE = "gguf_card.md.jinja"

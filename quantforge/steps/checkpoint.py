@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..card import format_size, hub_url, render_card
+from ..card import calibration_desc, eval_desc, hub_url, measured, render_card
 from ..chat_template import has_chat_template
 from ..config.schema import ModelTarget
 from ..core.formats import (
@@ -33,6 +33,7 @@ from ..core.formats import (
 from ..core.registry import step_kind
 from ..core.step import PlanContext, Step, StepContext, StepOutput
 from ..errors import BadInputError
+from ..figures import format_size
 from ..toolchains import gptqmodel
 from .calibration import CALIBRATION_FILE, calibration_settings
 from .evaluation import REFERENCE_FILE, SAMPLE_FILE, VERIFY_PROMPT, VERIFY_TOKENS, WINDOWS_FILE
@@ -209,8 +210,6 @@ def published_files(output: StepOutput) -> PublishedArtifact:
 
 def render_checkpoint_card(card: CardInputs, fmt: str, template: str) -> str:
     """The card of a GPTQ or AWQ repo: one checkpoint, its settings, its measurements, and how to load it."""
-    from ..card import calibration_desc, eval_desc, measured
-
     built = card.artifacts[0]
     q, g = built.output.data, built.gate.data
     arch = q.get("architecture")
