@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,18 @@ def test_tiny_family_converts_quantizes_and_runs_in_llama_cpp(tiny_build, family
     assert evaluation["tokens_scored"] == 4 * 31 and evaluation["gate"]["passed"]
     # random weights predict near-uniformly: PPL is about the vocabulary size, and Q8_0 barely moves it
     assert evaluation["source_ppl"] > vocab_size / 3 and abs(evaluation["delta_ppl"]) < 0.01
+
+
+def test_one_worker_serves_all_quantizations_of_a_build(tiny_build):
+    """Process start-up is a large share of quantizing a small model: one libllama worker runs every
+    quantization of the build, each still logging to its own step's log (the fallbacks above come from there)."""
+    root, proc = tiny_build
+    quantize_logs = [Path(s["log"]).read_text() for s in json.loads(proc.stdout)["steps"]
+                     if s["kind"] == "gguf.quantize"]
+    assert len(quantize_logs) == 2 * len(FAMILIES)
+    pids = {m for text in quantize_logs for m in re.findall(r"served by worker pid (\d+)", text)}
+    assert len(pids) == 1
+    assert all("llama_model_quantize_impl" in text or "llama_model_loader" in text for text in quantize_logs)
 
 
 @pytest.mark.parametrize(("family", "same"), [("llama", True), ("qwen2", True), ("qwen3", True), ("mistral", False)])

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from .. import __version__
 from ..errors import BadInputError, DiskFull
 from ..store import MANIFEST, NO_SPACE, WorkDir, disk_full, sha256_file
+from ..toolchains.worker import close_served_workers
 from .plan import Plan
 from .registry import kind_info
 from .staleness import published_record, stale_reasons
@@ -166,49 +167,52 @@ def load_inputs(step: Step, work: WorkDir) -> dict[str, StepOutput]:
 
 def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporter) -> BuildReport:
     report = BuildReport(str(plan.targets.path), str(work.root), time.time(), [], dry_run=options.dry_run)
-    with work.locked():
-        work.clear_debris()
-        todo = must_run(plan, work, remote=not options.offline)
-        reporter.begin(len(plan.steps), options.dry_run)
-        failed: set[str] = set()
-        built_here: set[str] = set()
-        stop = False
-        evictor = Evictor(plan, work) if options.evict and not options.dry_run else None
-        for step in plan.steps:
-            # two labels may share a key (two models with one source): the second reuses what the first built
-            if step.label not in todo or step.key in built_here:
-                cached = work.lookup(step.kind, step.key)
-                record = published_record(step) if cached is None and not options.offline else None
-                if record is not None and record.key == step.key:  # published by an earlier build, elsewhere
-                    result = StepResult(step, "up-to-date" if options.dry_run else "reused", data=dict(record.data))
-                elif cached is None:  # stale, but everything made from it is cached: not needed
-                    result = StepResult(step, "not-needed")
-                else:
-                    result = StepResult(step, "up-to-date" if options.dry_run else "reused",
-                                        data=cached.get("data", {}),
-                                        output_dir=str(work.step_dir(step.kind, step.key)))
-            elif options.dry_run:
-                result = StepResult(step, "would-build", reasons=todo[step.label])
-            elif stop:
-                result = StepResult(step, "not-run", reasons=[Reason("stopped")])
-            elif blocked := [d.label for d in step.inputs.values() if d.label in failed]:
-                failed.add(step.label)
-                result = StepResult(step, "skipped", reasons=[Reason("input-failed", new=blocked)])
-            else:
-                reporter.step_started(step, todo[step.label])
-                result = _run_step(step, todo[step.label], work, options,
-                                   lambda text, step=step: reporter.step_progress(step, text))
-                if result.status == "failed":
+    try:
+        with work.locked():
+            work.clear_debris()
+            todo = must_run(plan, work, remote=not options.offline)
+            reporter.begin(len(plan.steps), options.dry_run)
+            failed: set[str] = set()
+            built_here: set[str] = set()
+            stop = False
+            evictor = Evictor(plan, work) if options.evict and not options.dry_run else None
+            for step in plan.steps:
+                # two labels may share a key (two models with one source): the second reuses what the first built
+                if step.label not in todo or step.key in built_here:
+                    cached = work.lookup(step.kind, step.key)
+                    record = published_record(step) if cached is None and not options.offline else None
+                    if record is not None and record.key == step.key:  # published by an earlier build, elsewhere
+                        result = StepResult(step, "up-to-date" if options.dry_run else "reused", data=dict(record.data))
+                    elif cached is None:  # stale, but everything made from it is cached: not needed
+                        result = StepResult(step, "not-needed")
+                    else:
+                        result = StepResult(step, "up-to-date" if options.dry_run else "reused",
+                                            data=cached.get("data", {}),
+                                            output_dir=str(work.step_dir(step.kind, step.key)))
+                elif options.dry_run:
+                    result = StepResult(step, "would-build", reasons=todo[step.label])
+                elif stop:
+                    result = StepResult(step, "not-run", reasons=[Reason("stopped")])
+                elif blocked := [d.label for d in step.inputs.values() if d.label in failed]:
                     failed.add(step.label)
-                    stop = not options.keep_going
+                    result = StepResult(step, "skipped", reasons=[Reason("input-failed", new=blocked)])
                 else:
-                    built_here.add(step.key)
-            report.results.append(result)
-            reporter.step_finished(result)
-            if evictor is not None:
-                evictor.done(step)
-        report.finished = time.time()
-        reporter.end()
+                    reporter.step_started(step, todo[step.label])
+                    result = _run_step(step, todo[step.label], work, options,
+                                       lambda text, step=step: reporter.step_progress(step, text))
+                    if result.status == "failed":
+                        failed.add(step.label)
+                        stop = not options.keep_going
+                    else:
+                        built_here.add(step.key)
+                report.results.append(result)
+                reporter.step_finished(result)
+                if evictor is not None:
+                    evictor.done(step)
+            report.finished = time.time()
+            reporter.end()
+    finally:
+        close_served_workers()  # a worker serving this build's steps ends with it
     return report
 
 

@@ -238,10 +238,10 @@ _FALLBACK = re.compile(
     r"\(required for type\s+(?P<wanted>\S+)\)\s+(?:\(WARNING: [^)]*\)\s+)?-> falling back to\s+(?P<used>\S+)")
 
 
-def _run_worker(args: list[str], log_path: Path, result_file: Path) -> dict[str, Any]:
+def _run_worker(args: list[str], log_path: Path, result_file: Path, served: bool = False) -> dict[str, Any]:
     from .worker import run_worker
 
-    return run_worker("quantforge.toolchains.llamacpp_worker", args, log_path, result_file)
+    return run_worker("quantforge.toolchains.llamacpp_worker", args, log_path, result_file, served=served)
 
 
 KVValue = str | int | float | bool
@@ -295,7 +295,9 @@ def quantize(in_file: Path, out_file: Path, gguf_type: str, log_path: Path, thre
         args += ["--imatrix", str(imatrix[0]), "--gguf-py", str(imatrix[1])]
     if kv_overrides is not None:
         args += ["--kv-overrides", json.dumps(check_kv_overrides(kv_overrides), ensure_ascii=False)]
-    result = _run_worker(args, log_path, out_file.with_suffix(".result.json"))
+    # one worker serves a build's quantizations: libllama frees all it allocates when llama_model_quantize returns,
+    # and a process start costs about as much as quantizing a small model to one type
+    result = _run_worker(args, log_path, out_file.with_suffix(".result.json"), served=True)
     if not result.get("ok") or not out_file.is_file():
         raise ToolchainError(f"llama.cpp quantization to {gguf_type} failed: {result.get('error', 'unknown')}")
     with open(log_path, encoding="utf-8", errors="replace") as log:

@@ -8,11 +8,13 @@ matter what the machine has free. So the limit, and what the group already uses,
 
 from __future__ import annotations
 
+import select
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a page-aligned 2**63 - 1
@@ -159,19 +161,32 @@ class Watched:
     peak_rss: int  # bytes: the process tree's peak RSS, as last sampled
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Start a process's high-water mark (VmHWM) again from its current size (Linux >= 4.0), so that a served
+    worker's peak is counted per command; where that is not possible its peak since start counts."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def watch(proc: subprocess.Popen, on_tick: Callable[[], None] | None = None, *, every: float = 1.0,
-          sample: float = 0.1) -> Watched:
-    """Wait for `proc`, sampling its process tree's peak RSS every `sample` seconds and calling `on_tick` every
-    `every` seconds."""
+          sample: float = 0.1, reply: IO[str] | None = None) -> Watched:
+    """Wait for `proc` to exit, or with `reply` (the pipe a served worker answers on) for its one-line answer, an
+    exit code; sampling its process tree's peak RSS every `sample` seconds and calling `on_tick` every `every`
+    seconds. A worker that dies before answering gives its own exit code."""
     peak = 0
     last_tick = time.monotonic()
     while True:
         peak = max(peak, tree_peak_rss(proc.pid))
-        try:
-            returncode = proc.wait(timeout=sample)
-            return Watched(returncode, peak)
-        except subprocess.TimeoutExpired:
-            pass
+        if reply is None:
+            try:
+                return Watched(proc.wait(timeout=sample), peak)
+            except subprocess.TimeoutExpired:
+                pass
+        elif select.select([reply], [], [], sample)[0]:
+            line = reply.readline()
+            return Watched(int(line) if line.strip().lstrip("-").isdigit() else proc.wait(), peak)
         if on_tick is not None and time.monotonic() - last_tick >= every:
             last_tick = time.monotonic()
             on_tick()

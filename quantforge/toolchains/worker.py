@@ -10,15 +10,19 @@ GPTQModel's "Quantizing layer 3 of 29").
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 PROGRESS_PREFIX = "quantforge-progress: "
+SERVE_FLAG = "--serve"
 _OWN_PROGRESS = re.compile(re.escape(PROGRESS_PREFIX) + r"(?P<text>[^\r\n]+)")
 
 
@@ -45,8 +49,17 @@ def check_commands(sub: Any, artifact: str) -> tuple[argparse.ArgumentParser, ar
 def serve(parser: argparse.ArgumentParser, commands: dict[str, Callable[[Any], dict[str, Any]]],
           argv: list[str] | None = None) -> int:
     """Called in the child: parse `--result FILE COMMAND ...`, run the command, and write its result (or the
-    exception, as data) to FILE."""
+    exception, as data) to FILE. Started with `--serve` alone, run one such command line per request instead
+    (see ServedWorker)."""
     parser.add_argument("--result", type=Path, required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == [SERVE_FLAG]:
+        return _serve_requests(parser, commands)
+    return _run_once(parser, commands, argv)
+
+
+def _run_once(parser: argparse.ArgumentParser, commands: dict[str, Callable[[Any], dict[str, Any]]],
+              argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         result = commands[args.command](args)
@@ -61,6 +74,33 @@ def serve(parser: argparse.ArgumentParser, commands: dict[str, Callable[[Any], d
     return 0 if result.get("ok") else 1
 
 
+def _serve_requests(parser: argparse.ArgumentParser, commands: dict[str, Callable[[Any], dict[str, Any]]]) -> int:
+    """One request per line on stdin, {"argv": [...], "log": PATH}: run it with stdout and stderr (the tool's
+    own C-level output too) pointed at that log, and reply with its exit code, one line on the stdout this
+    process was started with. Between requests output goes nowhere. Ends when stdin closes."""
+    reply = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    idle = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(idle, 1)
+    os.dup2(idle, 2)
+    for line in sys.stdin:
+        request = json.loads(line)
+        with open(request["log"], "ab", buffering=0) as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                code = _run_once(parser, commands, request["argv"])
+            except SystemExit as exc:  # argparse refused the arguments (its message is in the log)
+                code = exc.code if isinstance(exc.code, int) else 2
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(idle, 1)
+                os.dup2(idle, 2)
+        reply.write(f"{code}\n")
+        reply.flush()
+    return 0
+
+
 # What to change when a worker is killed for memory; a caller that knows its tool says it more precisely.
 OOM_HINT = ("give it more memory, or ask less of it: fewer threads (--threads N), fewer evaluation windows or "
             "calibration samples (evaluation.chunks, calibration.samples), or a CUDA GPU")
@@ -70,37 +110,45 @@ def run_worker(module: str, args: Sequence[str], log_path: Path, result_file: Pa
                progress: Callable[[str], None] | None = None,
                patterns: Sequence[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = (),
                env: dict[str, str] | None = None, cwd: Path | None = None, label: str | None = None,
-               oom_hint: str = OOM_HINT) -> dict[str, Any]:
+               oom_hint: str = OOM_HINT, served: bool = False) -> dict[str, Any]:
     """Run `python -m module --result FILE *args` (in `cwd`: some tools write files where they run); return its
     result (ok false when it wrote none), with "peak_rss_bytes": the most resident memory its process tree held.
     A child killed by SIGKILL (the kernel's out-of-memory killer, or a cgroup limit) gets an error naming
-    `label` (default: the step whose log this is), the peak it reached, the limit, and `oom_hint`."""
+    `label` (default: the step whose log this is), the peak it reached, the limit, and `oom_hint`.
+    `served`: hand the command to a long-lived worker of `module` (started on first use, ServedWorker) rather
+    than a new process: for short calls of a tool that frees what it allocates, whose start-up would cost more
+    than the work (libllama's quantization of a small model)."""
     from .memory import watch
 
-    cmd = [sys.executable, "-m", module, "--result", str(result_file), *args]
+    argv = ["--result", str(result_file), *args]
+    cmd = [sys.executable, "-m", module, *argv]
+    worker = ServedWorker.of(module) if served and env is None and cwd is None else None
     watched = [(_OWN_PROGRESS, lambda m: m["text"]), *patterns]
     with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
+        log.write(f"$ {' '.join(cmd)}" + (f"  # served by worker pid {worker.pid}" if worker else "") + "\n")
         log.flush()
         start = log.tell()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
 
         def tick() -> None:
             nonlocal start
             if progress is not None:
                 start = _report_latest(log_path, start, watched, progress)
 
-        try:
-            outcome = watch(proc, tick)
-        except BaseException:  # interrupted: do not leave the child running
-            proc.kill()
-            proc.wait()
-            raise
+        if worker is not None:
+            outcome = worker.run(argv, log_path, tick)
+        else:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+            try:
+                outcome = watch(proc, tick)
+            except BaseException:  # interrupted: do not leave the child running
+                proc.kill()
+                proc.wait()
+                raise
     try:
         result = json.loads(result_file.read_text())
     except (OSError, ValueError):
-        result = {"ok": False, "error": f"{module.rsplit('.', 1)[-1]} exited with code {proc.returncode} and no "
-                                        "result"}
+        result = {"ok": False, "error": f"{module.rsplit('.', 1)[-1]} exited with code {outcome.returncode} and "
+                                        "no result"}
         if outcome.returncode in (-9, 137):
             result["error"] = _killed(label or _label_of(log_path), outcome.peak_rss, oom_hint)
             result["killed"] = True
@@ -110,6 +158,82 @@ def run_worker(module: str, args: Sequence[str], log_path: Path, result_file: Pa
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"# quantforge: exit code {outcome.returncode}, peak RSS {outcome.peak_rss} bytes\n")
     return result
+
+
+class ServedWorker:
+    """A long-lived `python -m module --serve` child that runs one command at a time (worker.serve). Each
+    command's output goes to its own step log, its peak RSS is counted from the start of that command (the
+    kernel's high-water mark is reset through /proc/PID/clear_refs), and a kill (out of memory) fails that
+    command alone: the next one gets a fresh worker. The worker exits when this process closes its stdin, at
+    exit or through close_served_workers(), or dies with it."""
+
+    _workers: ClassVar[dict[str, ServedWorker]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, module: str):
+        self.module = module
+        self.busy = threading.Lock()
+        self.proc = subprocess.Popen([sys.executable, "-m", module, SERVE_FLAG], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @classmethod
+    def of(cls, module: str) -> ServedWorker | None:
+        """The running worker of `module` (a new one if there is none, or it died); None when it is busy with
+        another thread's command (the caller then starts a process of its own)."""
+        with cls._lock:
+            worker = cls._workers.get(module)
+            if worker is None or worker.proc.poll() is not None:
+                worker = cls._workers[module] = cls(module)
+            return worker if not worker.busy.locked() else None
+
+    def run(self, argv: list[str], log_path: Path, tick: Callable[[], None]) -> Any:
+        from .memory import reset_peak_rss, watch
+
+        with self.busy:
+            reset_peak_rss(self.proc.pid)
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log_path)}) + "\n")
+                self.proc.stdin.flush()
+                outcome = watch(self.proc, tick, reply=self.proc.stdout)
+            except BaseException:  # interrupted, or the worker is gone: the next command gets a new one
+                self.close(kill=True)
+                raise
+            if outcome.returncode not in (0, 1):  # killed, or it refused its arguments: do not reuse it
+                self.close(kill=True)
+            return outcome
+
+    def close(self, kill: bool = False) -> None:
+        if kill:
+            self.proc.kill()
+        elif self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        with ServedWorker._lock:
+            if ServedWorker._workers.get(self.module) is self:
+                del ServedWorker._workers[self.module]
+
+
+def close_served_workers() -> None:
+    """End every idle served worker (a build does at its end; nothing is kept running between builds)."""
+    for worker in list(ServedWorker._workers.values()):
+        worker.close()
+
+
+atexit.register(close_served_workers)
 
 
 def _label_of(log_path: Path) -> str:
