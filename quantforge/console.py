@@ -42,6 +42,8 @@ def reason_text(reason: Reason) -> str:
             return f"input failed: {', '.join(reason.new or [])}"
         case "stopped":
             return "the build stopped"
+        case "moved":
+            return f"same content, now at {reason.new}"
     return reason.what
 
 

@@ -72,6 +72,37 @@ def test_a_gguf_with_random_tensor_data_fails_quantforge_eval_with_valid_json(tm
     assert "Traceback" not in proc.stderr
 
 
+def test_quantforge_eval_keys_a_file_by_its_content_not_where_it_is(tmp_path, tiny_models, converter):
+    """No absolute path in an ad-hoc evaluation's keys: the same GGUF moved elsewhere reuses its evaluation."""
+    from quantforge.toolchains import llamacpp
+
+    source = tiny_models("llama")
+    first = tmp_path / "a" / "tiny.gguf"
+    first.parent.mkdir()
+    llamacpp.convert(converter, source, first, "f16", tmp_path / "convert.log", "tiny")
+    work = tmp_path / "work"
+    args = ("--source", str(source), "--ctx", "64", "--json", "--work-dir", str(work))
+    one = cli("eval", str(first), *args, "--chunks", "2")
+    assert one.returncode == 0, one.stderr
+    [evaluated] = (work / "steps" / "gguf.evaluate").iterdir()
+    built_at = json.loads((evaluated / "manifest.json").read_text())["built_at"]
+    second = tmp_path / "b" / "renamed.gguf"
+    second.parent.mkdir()
+    first.rename(second)
+    two = cli("eval", str(second), *args, "--chunks", "2")
+    assert two.returncode == 0, two.stderr
+    assert json.loads(two.stdout)["ppl"] == json.loads(one.stdout)["ppl"]
+    # the evaluation was reused, not run again
+    assert [p.name for p in (work / "steps" / "gguf.evaluate").iterdir()] == [evaluated.name]
+    assert json.loads((evaluated / "manifest.json").read_text())["built_at"] == built_at
+    # a new evaluation of the moved file reads it where it now is (the old folder is gone)
+    three = cli("eval", str(second), *args, "--chunks", "3")
+    assert three.returncode == 0, three.stderr
+    [external] = [json.loads(m.read_text()) for m in (work / "steps" / "gguf.external").glob("*/manifest.json")]
+    assert external["data"]["path"] == str(second)
+    assert str(tmp_path) not in json.dumps(external["params"])
+
+
 # ------------------------------------------------------------------------------------------------ BOS
 
 @pytest.mark.parametrize(("family", "adds_bos"), [("mistral", True), ("qwen2", False)])

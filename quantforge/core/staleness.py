@@ -7,6 +7,8 @@ nothing upstream of it has either. That record is what a nightly run with a fres
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..store import WorkDir
 from .registry import kind_info
 from .step import Published, Reason, Step
@@ -38,6 +40,13 @@ def stale_reasons(step: Step, work: WorkDir, *, remote: bool = True) -> list[Rea
     reasons += [Reason("input", role) for role in sorted(now["inputs"])
                 if last.get("inputs", {}).get(role) != now["inputs"][role]]
     return reasons or [Reason("inputs")]
+
+
+def moved(step: Step, manifest: dict[str, Any]) -> Reason | None:
+    """The check of a step that records where a file outside the work dir is (step.local["path"], unkeyed: the
+    key is its content): run again, cheaply, when the same content is now elsewhere, so what reads it finds it."""
+    where = step.local.get("path")
+    return Reason("moved", new=where) if manifest.get("data", {}).get("path") != where else None
 
 
 def published_record(step: Step) -> Published | None:

@@ -4,7 +4,7 @@ A step is an immutable description: kind, parameters, input steps and tool versi
 all of them (inputs by their own keys, the kind's implementation version counted as a tool), so a change
 anywhere upstream changes exactly the keys downstream. Model, format and type ride along as plain fields for
 grouping and display; they are not part of the key, nor is `local` (machine-local facts such as absolute paths:
-keys hold paths as written in the targets file, so they do not depend on the machine).
+keys hold paths as written in the targets file, so they do not depend on the machine), nor `data_only`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ class Step:
     # What only this machine knows and the run function needs (absolute paths, file sizes seen at plan time):
     # never part of the key, so that a plan made in another folder, by another user, has the same keys
     local: Mapping[str, Any] = field(default_factory=dict)
+    # Input roles whose output this step reads only the recorded data of (the manifest), never the files: `build
+    # --evict` may delete such an input's files before this step runs (core/engine.py), and the step then reads the
+    # manifest eviction left behind. Not part of the key: it says how the step reads, not what it makes.
+    data_only: frozenset[str] = frozenset()
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -125,6 +129,7 @@ class Reason:
     what: never-built | output-missing | params | tools | input | inputs | published | input-failed | stopped
           | unpublished (the destination holds no record of a finished quantforge publication)
           | since-published (key: a step's label; new: new | changed | removed, against the published record)
+          | moved (new: where a file outside the work dir, keyed by its content, now is)
     """
 
     what: str

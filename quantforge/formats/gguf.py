@@ -32,6 +32,7 @@ from ..core.formats import (
     register_format,
 )
 from ..core.registry import step_kind
+from ..core.staleness import moved
 from ..core.step import PlanContext, Step, StepContext, StepOutput
 from ..errors import VerificationError
 from ..gguf_types import DEFAULT_MAX_PPL_INCREASE_BY_TYPE, GGUF_TYPES, IMATRIX_UNUSED, INTERMEDIATE_TYPES, NEEDS_IMATRIX
@@ -221,7 +222,7 @@ def run_imatrix_file(step: Step, ctx: StepContext) -> dict[str, Any]:
 def artifact_path(artifact: StepOutput) -> Path:
     """A built artifact lives in its step folder; an external one (quantforge eval FILE) where it is."""
     if artifact.manifest.get("kind") == "gguf.external":
-        return Path(artifact.params["path"])
+        return Path(artifact.data["path"])
     return artifact.file(artifact.data["file"])
 
 
@@ -230,14 +231,16 @@ def adhoc(path: Path, source: Step, evaluation: EvalSteps, context: PlanContext)
     if not (path.is_file() and path.suffix == ".gguf"):
         return None
     digest = context.memo(f"file:{path}", lambda: sha256_file(path))
-    artifact = Step(kind="gguf.external", label=f"{path.name}:artifact", params={"path": str(path), "sha256": digest})
+    # keyed by content alone: the same file evaluated from another folder or machine is the same artifact
+    artifact = Step(kind="gguf.external", label=f"{path.name}:artifact", params={"sha256": digest},
+                    local={"path": str(path)})
     return AdhocArtifact("gguf", artifact, evaluate_step(f"{path.name}:evaluate", artifact, evaluation, source,
                                                          context))
 
 
-@step_kind("gguf.external", version="1", stage="artifact")
+@step_kind("gguf.external", version="2", stage="artifact", check=moved)
 def run_external(step: Step, ctx: StepContext) -> dict[str, Any]:
-    path = Path(step.params["path"])
+    path = Path(step.local["path"])
     info = llamacpp.describe_gguf(path)
     info.pop("tensor_types")
     return {"file": path.name, "path": str(path), "size": path.stat().st_size, **info}

@@ -31,6 +31,7 @@ from ..core.formats import (
     format_named,
 )
 from ..core.registry import step_kind
+from ..core.staleness import moved
 from ..core.step import PlanContext, Step, StepContext, StepOutput
 from ..errors import BadInputError
 from ..figures import format_size
@@ -106,15 +107,16 @@ def adhoc(method: str, path: Path, source: Step, evaluation: EvalSteps, context:
         return None
     digest = context.memo(f"local:{path}", lambda: local_digest(path, list(DEFAULT_ALLOW_PATTERNS),
                                                                  context.work.root))
-    artifact = Step(kind="checkpoint.external", label=f"{path.name}:artifact",
-                    params={"path": str(path), "digest": digest})
+    # keyed by content alone: the same folder evaluated from elsewhere is the same artifact
+    artifact = Step(kind="checkpoint.external", label=f"{path.name}:artifact", params={"digest": digest},
+                    local={"path": str(path)})
     return AdhocArtifact(method, artifact, evaluate_step(f"{path.name}:evaluate", artifact, evaluation, source,
                                                          context, method))
 
 
-@step_kind("checkpoint.external", version="1", stage="artifact")
+@step_kind("checkpoint.external", version="2", stage="artifact", check=moved)
 def run_external(step: Step, ctx: StepContext) -> dict[str, Any]:
-    path = Path(step.params["path"])
+    path = Path(step.local["path"])
     return {"path": str(path), "quantization_config": _json_file(path / "config.json")["quantization_config"]}
 
 
@@ -154,7 +156,7 @@ def _json_file(path: Path) -> dict[str, Any]:
 def checkpoint_path(artifact: StepOutput) -> Path:
     """A built checkpoint lives in its step folder; an external one (quantforge eval DIR) where it is."""
     if artifact.manifest.get("kind") == "checkpoint.external":
-        return Path(artifact.params["path"])
+        return Path(artifact.data["path"])
     return artifact.file(artifact.data["dir"])
 
 
