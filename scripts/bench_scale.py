@@ -29,6 +29,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+from cgroups import Cgroup, CgroupUnavailable, memory_cgroup  # noqa: E402  (tests/: shared with the tests)
 
 # family -> size -> config (real models' shapes where one exists: Qwen2.5-0.5B/1.5B/3B, Llama-3.2-3B)
 SHAPES: dict[str, dict[str, dict[str, int]]] = {
@@ -58,6 +59,7 @@ BUILD_PROCESS_BYTES = 650 * 10**6
 # process command line -> the step it is (the build process itself is "build")
 ROLES = (("torch_worker reference", "eval.reference"), ("torch_worker imatrix", "gguf.imatrix"),
          ("convert_hf_to_gguf", "gguf.convert"), ("llamacpp_worker quantize", "gguf.quantize"),
+         ("llamacpp_worker --serve", "gguf.quantize"),  # one served worker runs the quantizations
          ("llamacpp_worker generate", "gguf.verify"), ("llamacpp_worker evaluate", "gguf.evaluate"))
 
 
@@ -135,59 +137,6 @@ def family_checkpoint(family: str, size: str, root: Path) -> Path:
 
 def checkpoint_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-
-
-# ------------------------------------------------------------------------------------------------ cgroups
-
-@dataclass
-class Cgroup:
-    path: Path
-    version: int
-
-    @property
-    def procs(self) -> Path:
-        return self.path / "cgroup.procs"
-
-    def peak(self) -> int | None:
-        peak = self.path / ("memory.max_usage_in_bytes" if self.version == 1 else "memory.peak")
-        return int(peak.read_text()) if peak.is_file() else None
-
-    def oom_kills(self) -> int | None:
-        events = self.path / ("memory.oom_control" if self.version == 1 else "memory.events")
-        fields = dict(line.split() for line in events.read_text().splitlines())
-        return int(fields["oom_kill"]) if "oom_kill" in fields else None
-
-    def remove(self) -> None:
-        for _ in range(50):  # the group empties a moment after its last process exits
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
-
-
-def make_cgroup(name: str, limit: int) -> Cgroup:
-    """A child memory cgroup of this process's own, limited to `limit` bytes without swap (v1 or v2)."""
-    from quantforge.toolchains.memory import CGROUP_ROOT, cgroup_ancestors, own_cgroup_paths
-
-    v1, v2 = own_cgroup_paths(Path("/proc/self/cgroup").read_text())
-    if v1 is not None and (CGROUP_ROOT / "memory").is_dir():
-        group = cgroup_ancestors(CGROUP_ROOT / "memory", v1)[0] / name
-        group.mkdir()
-        (group / "memory.limit_in_bytes").write_text(str(limit))
-        (group / "memory.swappiness").write_text("0")
-        return Cgroup(group, 1)
-    if v2 is not None and (CGROUP_ROOT / "cgroup.controllers").is_file():
-        parent = cgroup_ancestors(CGROUP_ROOT, v2)[0]
-        if "memory" not in (parent / "cgroup.subtree_control").read_text().split():
-            (parent / "cgroup.subtree_control").write_text("+memory")
-        group = parent / name
-        group.mkdir()
-        (group / "memory.max").write_text(str(limit))
-        if (group / "memory.swap.max").is_file():
-            (group / "memory.swap.max").write_text("0")
-        return Cgroup(group, 2)
-    raise SystemExit("no cgroup v1 memory controller or v2 hierarchy to make a limited group in")
 
 
 # ------------------------------------------------------------------------------------------------- builds
@@ -314,7 +263,7 @@ def print_run(label: str, model_bytes: int, run: Run) -> None:
     print(f"| {'step':<15} | {'peak RSS (sampled)':>18} | {'peak RSS (recorded)':>19} | {'× bf16':>6} | "
           f"{'seconds':>7} | path")
     print(f"|{'-' * 17}|{'-' * 20}|{'-' * 21}|{'-' * 8}|{'-' * 9}|------")
-    for role in ("build", *(r for _, r in ROLES)):
+    for role in dict.fromkeys(("build", *(r for _, r in ROLES))):
         row = rows.get(role, {})
         if not run.peaks.get(role) and not row.get("recorded"):
             continue
@@ -342,7 +291,7 @@ def print_slopes(results: list[tuple[str, int, Run]]) -> None:
         print(f"\n## {family}: peak RSS against bf16 model bytes (least squares over {len(runs)} sizes)")
         print(f"| {'step':<15} | {'slope (RSS bytes per model byte)':>32} | {'intercept':>10}")
         print(f"|{'-' * 17}|{'-' * 34}|{'-' * 11}")
-        for role in ("build", *(r for _, r in ROLES)):
+        for role in dict.fromkeys(("build", *(r for _, r in ROLES))):
             points = [(b, r.peaks[role]) for b, r in runs if role in r.peaks]
             if len(points) < 2:
                 continue
@@ -417,7 +366,10 @@ def limited(label: str, model_bytes: int, args: argparse.Namespace, env: dict[st
     print(f"\n## {label} under a {format_size(limit)} cgroup memory limit ({limit / model_bytes:.0%} of its bf16 "
           f"weights, {limit / fp32:.0%} of its fp32 weights)")
     work = args.root / "work" / f"{label}-limited"
-    cgroup = make_cgroup(f"quantforge-bench-{os.getpid()}", limit)
+    try:
+        cgroup = memory_cgroup(f"quantforge-bench-{os.getpid()}", limit)
+    except CgroupUnavailable as exc:
+        raise SystemExit(f"cannot make a memory-limited cgroup: {exc}") from None
     try:
         run = build(targets_file(work, label, source, args), work / "qf", env, cgroup)
         print(f"cgroup v{cgroup.version}: peak usage {format_size(cgroup.peak() or 0)} (page cache included), "

@@ -71,7 +71,7 @@ def test_tiny_family_converts_quantizes_and_runs_in_llama_cpp(tiny_build, family
 def test_one_worker_serves_all_quantizations_of_a_build(tiny_build):
     """Process start-up is a large share of quantizing a small model: one libllama worker runs every
     quantization of the build, each still logging to its own step's log (the fallbacks above come from there)."""
-    root, proc = tiny_build
+    _, proc = tiny_build
     quantize_logs = [Path(s["log"]).read_text() for s in json.loads(proc.stdout)["steps"]
                      if s["kind"] == "gguf.quantize"]
     assert len(quantize_logs) == 2 * len(FAMILIES)

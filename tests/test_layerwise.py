@@ -9,10 +9,10 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
+from cgroups import memory_cgroup_or_skip
 
 from quantforge import metrics
 from quantforge.toolchains.layerwise import (
@@ -231,58 +231,6 @@ CHILD = textwrap.dedent("""
 """)
 
 
-class Cgroup(NamedTuple):
-    path: Path
-    events: Path  # holds "oom_kill N" (v1: memory.oom_control, kernel 4.13+; v2: memory.events)
-    peak: Path  # v1: memory.max_usage_in_bytes; v2: memory.peak (kernel 5.19+)
-
-    def oom_kills(self) -> int | None:
-        fields = dict(line.split() for line in self.events.read_text().splitlines())
-        return int(fields["oom_kill"]) if "oom_kill" in fields else None
-
-    def peak_mb(self) -> int | None:
-        return int(self.peak.read_text()) >> 20 if self.peak.is_file() else None
-
-
-def _memory_cgroup(tmp_name: str, limit: int) -> Cgroup:
-    """A child memory cgroup under this process's own (so any limit above it still holds). Skips, saying why,
-    when neither cgroup v1 nor v2 lets this process make one (not root, no memory controller)."""
-    lines = Path("/proc/self/cgroup").read_text().splitlines()
-    v1 = Path("/sys/fs/cgroup/memory")
-    v1_path = next((line.split(":", 2)[2] for line in lines if "memory" in line.split(":")[1].split(",")), None)
-    reasons = []
-    if v1_path is not None and v1.is_dir():
-        group = v1 / v1_path.lstrip("/") / tmp_name
-        try:
-            group.mkdir()
-            (group / "memory.limit_in_bytes").write_text(str(limit))
-            (group / "memory.swappiness").write_text("0")  # the limit must bind, not push pages to swap
-            return Cgroup(group, group / "memory.oom_control", group / "memory.max_usage_in_bytes")
-        except OSError as e:
-            reasons.append(f"cgroup v1 at {v1}: {e}")
-            if group.is_dir():
-                group.rmdir()
-    v2 = Path("/sys/fs/cgroup")
-    v2_path = next((line[3:] for line in lines if line.startswith("0::")), None)
-    if v2_path is not None and (v2 / "cgroup.controllers").is_file():
-        parent = v2 / v2_path.lstrip("/")
-        group = parent / tmp_name
-        try:
-            if "memory" not in (parent / "cgroup.subtree_control").read_text().split():
-                (parent / "cgroup.subtree_control").write_text("+memory")
-            group.mkdir()
-            (group / "memory.max").write_text(str(limit))
-            if (group / "memory.swap.max").is_file():
-                (group / "memory.swap.max").write_text("0")
-            return Cgroup(group, group / "memory.events", group / "memory.peak")
-        except OSError as e:
-            reasons.append(f"cgroup v2 at {parent}: {e}")
-            if group.is_dir():
-                group.rmdir()
-    pytest.skip("cannot make a memory-limited cgroup (needs root and a writable cgroup v1 memory controller or "
-                "v2 hierarchy): " + ("; ".join(reasons) or "no memory cgroup for this process"))
-
-
 def test_streamed_pass_fits_where_the_whole_model_does_not(tmp_path):
     """A 56M-parameter model (225 MB in fp32) under a 120 MB limit on what the process allocates once torch and
     transformers are imported: the whole-model pass is killed, the streamed one finishes with the same PPL
@@ -299,14 +247,14 @@ def test_streamed_pass_fits_where_the_whole_model_does_not(tmp_path):
 
     results = {}
     for mode in ("whole", "streamed"):
-        group = _memory_cgroup(f"quantforge-test-{os.getpid()}-{mode}", limit)
+        group = memory_cgroup_or_skip(f"quantforge-test-{os.getpid()}-{mode}", limit)
         try:
             proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(model_dir),
-                                   str(group.path / "cgroup.procs"), str(vocab)],
+                                   str(group.procs), str(vocab)],
                                   capture_output=True, text=True, timeout=120)
             results[mode] = (proc.returncode, proc.stdout, proc.stderr[-2000:], group.oom_kills(), group.peak_mb())
         finally:
-            group.path.rmdir()
+            group.remove()
     returncode, _, stderr, oom_kills, peak = results["whole"]
     assert returncode == -signal.SIGKILL and oom_kills != 0, f"whole model not OOM-killed (peak {peak} MB): {stderr}"
     returncode, stdout, stderr, oom_kills, peak = results["streamed"]

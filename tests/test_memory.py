@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_layerwise import _memory_cgroup, make_model
+from cgroups import memory_cgroup_or_skip
+from test_layerwise import make_model
 from typer.testing import CliRunner
 
 from quantforge.toolchains.layerwise import checkpoint_tensors
@@ -190,12 +191,12 @@ def test_reference_and_imatrix_finish_under_a_limit_smaller_than_the_fp32_weight
         return json.loads(proc.stdout.splitlines()[-1])
 
     expected = build("whole", "-", QUANTFORGE_TORCH_PATH="whole-model")
-    group = _memory_cgroup(f"quantforge-test-{os.getpid()}", limit)
+    group = memory_cgroup_or_skip(f"quantforge-test-{os.getpid()}", limit)
     try:
-        got = build("limited", str(group.path / "cgroup.procs"))
+        got = build("limited", str(group.procs))
         oom_kills, peak = group.oom_kills(), group.peak_mb()
     finally:
-        group.path.rmdir()
+        group.remove()
     assert not oom_kills, f"killed under the limit (peak {peak} MB): {got}"
     for kind in ("eval.reference", "gguf.imatrix"):
         assert got[kind]["status"] == "built", got[kind]["error"]
