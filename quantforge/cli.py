@@ -130,7 +130,8 @@ def build(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, onl
                                                         "estimate exceeds what is available.")] = False,
           evict: Annotated[bool | None, typer.Option(
               "--evict/--no-evict", help="Delete the intermediate after its last quantization and each artifact "
-                                         "once its repo is published (default: $QUANTFORGE_EVICT, else off).")] = None,
+                                         "once published (to the Hub: once uploaded, ahead of the commit) "
+                                         "(default: $QUANTFORGE_EVICT, else off).")] = None,
           no_disk_check: Annotated[bool, typer.Option("--no-disk-check", help="Start even when the expected peak "
                                                       "disk use exceeds the free space.")] = False,
           json_output: JsonOpt = False, offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None,
@@ -244,15 +245,17 @@ def push(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only
     from .console import make_reporter
     from .core.engine import load_inputs, run_plan
     from .core.plan import Plan, topological
+    from .core.registry import kind_info
     from .core.step import BuildOptions
 
     try:
         the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp, publish_to=to)
         work.check_unlocked()  # a build still running: its outputs are not there yet, and it publishes itself
-        publish_steps = [s for s in the_plan.steps if s.kind == "publish"]
-        for step in publish_steps:
-            load_inputs(step, work)  # every artifact built and past its gate, or a clear error
-        result = run_plan(Plan(the_plan.targets, topological(publish_steps)), work, BuildOptions(keep_going=True),
+        # the publish steps and, to the Hub, the uploads ahead of them: what a push runs
+        publishing = [s for s in the_plan.steps if kind_info(s.kind).stage == "publish"]
+        for step in publishing:  # every artifact built and past its gate, or a clear error
+            load_inputs(step, work, made_first={s.label for s in publishing})
+        result = run_plan(Plan(the_plan.targets, topological(publishing)), work, BuildOptions(keep_going=True),
                           make_reporter(json_output))
     except QuantforgeError as exc:
         raise _fail(exc) from None

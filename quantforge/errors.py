@@ -68,6 +68,17 @@ class WorkDirLocked(QuantforgeError):
 class PublishError(QuantforgeError):
     """Publishing an artifact failed."""
 
+    status: int | None = None  # the destination's HTTP status, when it answered with one
+
+
+class PreuploadRejected(PublishError):
+    """The Hub refused a commit naming files uploaded ahead of it (publish/upload.py): it no longer holds them
+    (uploads not committed in time expire), or never took them. Nothing was published."""
+
+    def __init__(self, message: str, names: list[str]):
+        super().__init__(message)
+        self.names = names
+
 
 class DiskFull(QuantforgeError):
     """A write ran out of space: names the device and folder, and about how much the work needs."""

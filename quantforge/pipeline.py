@@ -4,6 +4,7 @@ steps, and wires them together.
 
     per model:  source ─► eval.tokens ─► eval.reference
                 source ─► [calibration] ─► <format steps> ─► gate ─► publish     (one publish per format)
+                                                       (to the Hub: gate ─► publish.upload ─► publish)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .core.step import PlanContext, Step
 from .errors import BadInputError
 from .formats import awq, gguf, gptq
 from .publish import publish_step
+from .publish.upload import upload_steps
 from .steps.calibration import calibration_step
 from .steps.evaluation import plan_evaluation
 from .steps.gate import gate_step
@@ -49,9 +51,13 @@ def build_plan(targets: Targets, context: PlanContext) -> Plan:
 
             planned = FORMATS[fmt_name].plan(model, model.formats.settings(fmt_name), src, evaluation, context,
                                              calibration)
-            steps.extend(planned.steps)
+            # to the Hub, each artifact is uploaded right after its gate: with --evict it is gone before the next
+            uploads = upload_steps(model, fmt_name, planned.publishable)
+            after_gate = {id(upload.inputs["gate"]): upload for upload in uploads}
+            for step in planned.steps:
+                steps += [step, after_gate[id(step)]] if id(step) in after_gate else [step]
             steps.append(publish_step(model, fmt_name, planned.publishable, src, evaluation.tokens, targets,
-                                      planned.extras))
+                                      planned.extras, uploads))
     return Plan(targets, topological(steps))
 
 

@@ -29,6 +29,9 @@ from typing import Any
 from .errors import DiskFull, WorkDirLocked
 
 MANIFEST = "manifest.json"
+# what an evicted output leaves behind: its manifest under another name (never a cache hit), for the steps that
+# read only its recorded data (core.step.Step.data_only)
+EVICTED = "evicted.json"
 
 
 def canonical_json(value: Any) -> str:
@@ -159,14 +162,31 @@ class WorkDir:
         return final
 
     def evict(self, kind: str, key: str) -> int:
-        """Delete a step's output (manifest first, so it is a miss at once); the bytes freed."""
+        """Delete a step's output (manifest first, so it is a miss at once), keeping its manifest as evicted.json
+        for the steps that read only its data; the bytes freed."""
         folder = self.step_dir(kind, key)
-        if not folder.is_dir():
-            return 0
+        manifest = folder / MANIFEST
+        try:
+            record = manifest.read_bytes()
+        except OSError:
+            return 0  # nothing committed here (or evicted already)
         freed = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-        (folder / MANIFEST).unlink(missing_ok=True)
+        manifest.unlink(missing_ok=True)
         shutil.rmtree(folder, ignore_errors=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / EVICTED).write_bytes(record)
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)  # no record: a step reading its data rebuilds it instead
         return freed
+
+    def evicted(self, kind: str, key: str) -> dict | None:
+        """The manifest an evicted output left behind (its data, no files), or None."""
+        try:
+            data = json.loads((self.step_dir(kind, key) / EVICTED).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and data.get("key") == key else None
 
     def last_state(self, label: str) -> dict | None:
         try:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 from hub_server import HubServer
 
-from quantforge.errors import PublishError
-from quantforge.publish.hub import HubPublisher
+from quantforge.errors import PreuploadRejected, PublishError
+from quantforge.publish.hub import HubPublisher, PreuploadedFile
 from quantforge.store import sha256_file
 
 TOKEN = "hf_quantforgeTestTokenDoNotLeak123"
@@ -124,3 +125,50 @@ def test_a_refused_token_is_named_as_such(repo_files):
         with pytest.raises(PublishError, match="refused the token"):
             wrong.publish("acme/m-GGUF", repo_files(), private=False, message="m")
         assert "acme/m-GGUF" not in server.repos
+
+
+# ------------------------------------------------------------------------- uploads ahead of the commit
+
+def test_a_preuploaded_object_is_committed_without_its_file(hub, repo_files, tmp_path):
+    """publish/upload.py's contract with huggingface_hub: LFS files sent ahead (preupload_lfs_files) are committed
+    later, by another process, from their record alone. hub.preuploaded_addition builds that commit operation
+    through huggingface_hub's private attributes: if a release changes them, this test fails."""
+    files = repo_files()
+    config = tmp_path / "config.json"
+    config.write_text('{"model_type": "llama"}')
+    ahead = {name: files[name] for name in ("model-Q4_K_M.gguf", "model-Q8_0.gguf")}
+    sent = publisher(hub).preupload("acme/m-GGUF", {**ahead, "config.json": (config, sha256_file(config))},
+                                    private=True)
+    repo = hub.repos["acme/m-GGUF"]
+    assert repo.private and repo.commits == []  # created and uploaded to, not committed
+    assert sorted(hub.uploads()) == sorted(f"/lfs-upload/{sha}" for _, sha in ahead.values())
+    assert sent["config.json"] is None  # a regular git file: a commit carries its bytes
+    for path, _ in ahead.values():
+        path.unlink()
+    # as the upload step records them, and the publish step reads them back
+    records = {name: PreuploadedFile.from_json(json.loads(json.dumps(sent[name].to_json()))) for name in ahead}
+    assert {name: (r.sha256, r.size) for name, r in records.items()} == \
+        {name: (sha, len(hub.lfs[sha])) for name, (_, sha) in ahead.items()}
+    rest = {name: f for name, f in files.items() if name not in ahead}
+    result = publisher(hub).publish("acme/m-GGUF", rest, private=True, message="m", preuploaded=records)
+    assert len(repo.commits) == 1 and sorted(result.uploaded) == sorted(files) == sorted(repo.files)
+    assert {name: repo.files[name]["lfs"] for name in ahead} == {name: sha for name, (_, sha) in ahead.items()}
+    assert len(hub.uploads()) == 2  # nothing was sent twice
+    # already on the Hub with that content: not sent again, and no commit for it
+    again = publisher(hub).preupload("acme/m-GGUF", {"model-Q8_0.gguf": (repo_files()["model-Q8_0.gguf"])},
+                                     private=True)
+    assert again["model-Q8_0.gguf"] == records["model-Q8_0.gguf"] and len(hub.uploads()) == 2
+    unchanged = publisher(hub).publish("acme/m-GGUF", {}, private=True, message="n", preuploaded=records)
+    assert unchanged.commit is None and len(repo.commits) == 1
+
+
+def test_a_commit_naming_an_upload_the_hub_no_longer_holds_is_a_clear_error(hub, repo_files):
+    files = repo_files()
+    ahead = {name: files[name] for name in ("model-Q4_K_M.gguf", "model-Q8_0.gguf")}
+    sent = publisher(hub).preupload("acme/m-GGUF", ahead, private=False)
+    del hub.lfs[ahead["model-Q8_0.gguf"][1]]  # uploads the Hub did not see committed in time expire
+    expected = r"committing to acme/m-GGUF failed: HTTP 400.*: the Hub no longer holds model-Q8_0.gguf, uploaded ahead"
+    with pytest.raises(PreuploadRejected, match=expected + r".*nothing was published") as info:
+        publisher(hub).publish("acme/m-GGUF", {"README.md": files["README.md"]}, private=False, message="m",
+                               preuploaded=sent)
+    assert info.value.names == ["model-Q8_0.gguf"] and hub.repos["acme/m-GGUF"].commits == []

@@ -12,7 +12,7 @@ import logging
 import shutil
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -112,17 +112,19 @@ class BuildReport:
 def must_run(plan: Plan, work: WorkDir, *, remote: bool = True) -> dict[str, list[Reason]]:
     """label -> reasons, for every step that has to run (see the module docstring). `remote`: a step the work dir
     lacks is up to date when its destination's record carries its key (core/staleness.py)."""
-    dependents: dict[int, list[Step]] = {id(s): [] for s in plan.steps}
+    dependents: dict[int, list[tuple[Step, str]]] = {id(s): [] for s in plan.steps}
     for step in plan.steps:
-        for dep in step.inputs.values():
-            dependents[id(dep)].append(step)
+        for role, dep in step.inputs.items():
+            dependents[id(dep)].append((step, role))
     needed: dict[str, list[Reason]] = {}
     for step in reversed(plan.steps):
         reasons = stale_reasons(step, work, remote=remote)
         if not reasons:
             continue
         users = dependents[id(step)]
-        if not users or any(u.label in needed for u in users):
+        # an output evicted with its manifest kept serves the users that read only its data (Step.data_only)
+        kept = any(role in u.data_only for u, role in users) and work.evicted(step.kind, step.key) is not None
+        if not users or any(u.label in needed and not (kept and role in u.data_only) for u, role in users):
             needed[step.label] = reasons
     return needed
 
@@ -153,11 +155,16 @@ def as_json_data(data: Any) -> dict[str, Any]:
     return data.to_json() if hasattr(data, "to_json") else data
 
 
-def load_inputs(step: Step, work: WorkDir) -> dict[str, StepOutput]:
-    """The committed outputs of a step's inputs; BadInputError naming the first that has none."""
+def load_inputs(step: Step, work: WorkDir, *, made_first: Collection[str] = ()) -> dict[str, StepOutput]:
+    """The committed outputs of a step's inputs (for a role it reads only the data of, what eviction kept of one);
+    BadInputError naming the first that has none. `made_first`: labels of inputs to leave out (a run makes them)."""
     inputs = {}
     for role, dep in step.inputs.items():
+        if dep.label in made_first:
+            continue
         manifest = work.lookup(dep.kind, dep.key)
+        if manifest is None and role in step.data_only:
+            manifest = work.evicted(dep.kind, dep.key)
         if manifest is None:
             raise BadInputError(f"{step.label}: {dep.label} has no output in {work.root} (not built, or it "
                                 "failed); run quantforge build")
@@ -217,16 +224,19 @@ def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporte
 
 
 class Evictor:
-    """`build --evict`: deletes an evictable output (core/registry.py) once every step of this plan that reads it
-    has a result, so that a leg holds the F16 intermediate only until its last quantization and each artifact only
-    until its repo is published. A later build that needs one again rebuilds it (a missing output is a miss)."""
+    """`build --evict`: deletes an evictable output (core/registry.py) once every step of this plan that reads its
+    files has a result (a step reading only its data does not count: Step.data_only), so that a leg holds the F16
+    intermediate only until its last quantization and each artifact only until it is published (to a folder) or
+    uploaded (to the Hub, ahead of the commit). A later build that needs one again rebuilds it (a missing output
+    is a miss)."""
 
     def __init__(self, plan: Plan, work: WorkDir):
         self.work = work
         self.readers: dict[int, set[str]] = {id(s): set() for s in plan.steps}
         for step in plan.steps:
-            for dep in step.inputs.values():
-                self.readers[id(dep)].add(step.label)
+            for role, dep in step.inputs.items():
+                if role not in step.data_only:
+                    self.readers[id(dep)].add(step.label)
         self.finished: set[str] = set()
         self.freed_bytes = 0
 

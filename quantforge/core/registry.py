@@ -24,7 +24,8 @@ CheckFn = Callable[..., Any]  # (step, cached manifest) -> a Reason why the cach
 PublishedFn = Callable[..., Any]  # (step) -> the destination's record (core.step.Published)
 
 # What a step is in an artifact's life; the report groups an artifact's steps by these. "extra": a file a format
-# publishes once per repo, beside its artifacts (the importance matrix).
+# publishes once per repo, beside its artifacts (the importance matrix). "publish": the publish step and, to the
+# Hub, each artifact's upload ahead of it (what `quantforge push` runs).
 STAGES = ("", "artifact", "verify", "evaluate", "gate", "extra", "publish")
 
 

@@ -6,15 +6,18 @@
 A publisher gets the repo id and the files (name -> local path, with sha256) and makes the destination hold
 exactly those bytes, skipping files already there with the same hash. Which files an artifact puts in its repo,
 and what its card says, the artifact's format decides (looked up in the format registry, never imported here).
+To the Hub, each artifact's files are uploaded ahead, as soon as its gate has passed (publish/upload.py), and the
+publish step commits them by their records, reading only the artifacts' data: `--evict` need not keep them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import __version__
 from ..card import CARD_FILE, card_template_version, public_text_name, release_info, repo_id, source_card
@@ -24,10 +27,14 @@ from ..core.registry import kind_info, step_kind
 from ..core.staleness import upstream_keys
 from ..core.step import Published, Reason, Step, StepContext, StepOutput
 from ..data import portable_path
-from ..errors import PublishError
+from ..errors import PreuploadRejected, PublishError
 from ..store import sha256_file
 from ..toolchains.gguf_split import parse_size
 from ..toolchains.llamacpp import cache_root
+from .upload import upload_again, uploaded_files, uploads_by_artifact
+
+if TYPE_CHECKING:
+    from .hub import PreuploadedFile
 
 __all__ = ["CARD_FILE", "REPO_MANIFEST", "PublishResult", "Publisher", "publish_step", "release_warnings",
            "render_card", "run_publish"]
@@ -51,9 +58,9 @@ class PublishResult:
 
 
 class Publisher(Protocol):
-    def publish(self, repo_id: str, files: dict[str, tuple[Path, str]], *, private: bool,
-                message: str) -> PublishResult:
-        """Make the repo hold `files` (name -> (path, sha256))."""
+    def publish(self, repo_id: str, files: dict[str, tuple[Path, str]], *, private: bool, message: str,
+                preuploaded: Mapping[str, PreuploadedFile] | None = None) -> PublishResult:
+        """Make the repo hold `files` (name -> (path, sha256)) and the files uploaded ahead (the Hub only)."""
         ...
 
     def missing(self, repo_id: str, files: dict[str, str]) -> list[str]:
@@ -79,8 +86,9 @@ def publisher_for(to: str) -> Publisher:
 
 
 def publish_step(model: ModelTarget, fmt: str, publishable: list[Publishable], source: Step, tokens: Step,
-                 targets: Targets, extras: list[Step] | tuple[Step, ...] = ()) -> Step:
-    """extras: the format's steps whose files the repo holds once (PlannedFormat.extras)."""
+                 targets: Targets, extras: Sequence[Step] = (), uploads: Sequence[Step] = ()) -> Step:
+    """extras: the format's steps whose files the repo holds once (PlannedFormat.extras); uploads: the artifacts'
+    uploads to the Hub (upload.upload_steps), committed here: then only the artifacts' data is read."""
     to = local_to = model.publish.to
     if to.startswith("dir:"):
         # the key holds the folder as written (relative to the targets file); the run uses it resolved here
@@ -89,6 +97,9 @@ def publish_step(model: ModelTarget, fmt: str, publishable: list[Publishable], s
     for item in publishable:
         inputs[f"artifact:{item.name}"] = item.artifact
         inputs[f"check:{item.name}"] = item.gate
+    for upload in uploads:
+        inputs[f"upload:{_artifact_name(upload)}"] = upload
+    uploaded = {upload.inputs["artifact"].label for upload in uploads}
     for extra in extras:
         inputs[f"extra:{extra.kind}"] = extra
     inputs["source"] = source
@@ -101,7 +112,8 @@ def publish_step(model: ModelTarget, fmt: str, publishable: list[Publishable], s
                         "private": model.publish.private, "format": fmt, "namespace": model.publish.namespace,
                         "max_file_size": parse_size(model.publish.max_file_size), "release": asdict(release)},
                 inputs=inputs, tools={"card-template": card_template_version(format_named(fmt).card_template)},
-                model=model.name, fmt=fmt, local={"to": local_to})
+                model=model.name, fmt=fmt, local={"to": local_to},
+                data_only=frozenset(f"artifact:{item.name}" for item in publishable if item.artifact.label in uploaded))
 
 
 def destination(step: Step) -> str:
@@ -141,9 +153,15 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
     built: list[BuiltArtifact] = []
     artifacts: dict[str, dict[str, Any]] = {}
     artifact_files: dict[str, tuple[Path, str]] = {}
+    ahead: dict[str, PreuploadedFile] = {}  # uploaded by the upload steps: committed by their records
+    uploads = uploads_by_artifact(step, ctx.inputs)
     for artifact, out, gate in built_artifacts(step, ctx.inputs):
         name = _artifact_name(artifact)
-        files = fmt.published_files(out, ctx.out_dir, step.params["max_file_size"])
+        if artifact.label in uploads:
+            files, sent = uploaded_files(uploads[artifact.label])
+            ahead.update(sent)
+        else:
+            files = fmt.published_files(out, ctx.out_dir, step.params["max_file_size"])
         artifact_files.update(files.files)
         built.append(BuiltArtifact(name, out, gate, files.shards))
         artifacts[name] = {"artifact": public_data({k: v for k, v in out.data.items() if k != "tensor_types"}),
@@ -179,12 +197,17 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
              REPO_MANIFEST: (manifest_file, sha256_file(manifest_file)), CARD_FILE: (card_file, sha256_file(card_file))}
     publisher = publisher_for(destination(step))
     commit = source.params.get("commit") or source.params.get("digest", "")
-    result = publisher.publish(step.params["repo_id"], files, private=step.params["private"],
-                               message=f"quantforge {__version__}: {step.params['format']} of {step.model} "
-                                       f"@ {commit[:12]}")
+    try:
+        result = publisher.publish(step.params["repo_id"], files, private=step.params["private"],
+                                   message=f"quantforge {__version__}: {step.params['format']} of {step.model} "
+                                           f"@ {commit[:12]}", preuploaded=ahead)
+    except PreuploadRejected as exc:
+        exc.hint = upload_again(step, ctx.inputs, exc.names)
+        raise
     _RECORDS.pop((destination(step), step.params["repo_id"]), None)  # what was read before this publish is old
     return {"repo_id": step.params["repo_id"], "to": step.params["to"],
-            "files": {name: sha for name, (_, sha) in files.items()}, **result.to_json()}
+            "files": {**{name: sha for name, (_, sha) in files.items()},
+                      **{name: file.sha256 for name, file in ahead.items()}}, **result.to_json()}
 
 
 def _card_inputs(step: Step, inputs: dict[str, StepOutput], built: list[BuiltArtifact]) -> CardInputs:
@@ -227,9 +250,11 @@ def _refuse_local_paths(files: list[Path], source_dir: Path, log_path: Path) -> 
 
 def render_card(step: Step, inputs: dict[str, StepOutput]) -> str:
     """The repo's model card from the outputs of a publish step's inputs, without publishing (`quantforge card`,
-    which does not split: there, a file over the size limit is listed whole)."""
-    built = [BuiltArtifact(_artifact_name(artifact), out, gate) for artifact, out, gate in
-             built_artifacts(step, inputs)]
+    which does not split: there, a file over the size limit is listed whole, unless an upload split it)."""
+    uploads = uploads_by_artifact(step, inputs)
+    built = [BuiltArtifact(_artifact_name(artifact), out, gate,
+                           tuple(uploads[artifact.label].data.get("shards", ())) if artifact.label in uploads else ())
+             for artifact, out, gate in built_artifacts(step, inputs)]
     return format_named(step.params["format"]).render_card(_card_inputs(step, inputs, built))
 
 

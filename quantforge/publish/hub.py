@@ -5,19 +5,28 @@ sha1), and when nothing changed no commit is made. Transient failures (429, 5xx,
 retried with exponential backoff around each Hub call; a commit is atomic on the Hub, so a failure leaves
 the repo as it was. The token comes from HF_TOKEN or `hf auth login` (huggingface_hub's own lookup) and is
 never logged or put in a message.
+
+LFS files may go up ahead of their commit (`preupload`, huggingface_hub's preupload_lfs_files), each as soon as
+it is ready, and be committed later by what was recorded of them (`PreuploadedFile`) once their local copies are
+gone: publish/upload.py.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import PublishError
+from ..errors import PreuploadRejected, PublishError
 from . import REPO_MANIFEST, PublishResult
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitOperationAdd
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,6 +43,41 @@ def git_blob_sha1(path: Path) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PreuploadedFile:
+    """An LFS object uploaded ahead of its commit: what the commit needs of it without the local file (its
+    sha256 and size, and the first 512 bytes huggingface_hub's upload info carries)."""
+
+    sha256: str
+    size: int
+    sample: bytes = b""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": self.size, "sample": base64.b64encode(self.sample).decode()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PreuploadedFile:
+        return cls(data["sha256"], int(data["size"]), base64.b64decode(data.get("sample", "")))
+
+
+def preuploaded_addition(name: str, file: PreuploadedFile) -> CommitOperationAdd:
+    """A commit operation for an LFS object uploaded earlier, by another process, whose local file may be gone.
+
+    huggingface_hub has no public way to make one: CommitOperationAdd computes its upload info from bytes or a file,
+    and create_commit leaves alone what preupload_lfs_files marked as uploaded through private attributes. So this
+    builds one from empty bytes and gives it the object's upload info and preupload_lfs_files' marks (2.x). If a
+    release changes them, tests/test_hub.py::test_a_preuploaded_object_is_committed_without_its_file fails.
+    """
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.lfs import UploadInfo
+
+    op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=b"")
+    op.upload_info = UploadInfo(size=file.size, sample=file.sample, sha256=bytes.fromhex(file.sha256))
+    op._upload_mode = "lfs"
+    op._is_uploaded = True
+    return op
 
 
 def _transient(exc: BaseException) -> bool:
@@ -71,7 +115,9 @@ class HubPublisher:
                     raise PublishError(f"{what}: the Hub refused the token (HTTP {_status(exc)}); set HF_TOKEN to a "
                                        "token with write access to the namespace, or run hf auth login") from None
                 if not _transient(exc) or attempt == self.retries:
-                    raise PublishError(f"{what} failed: {_describe(exc)}") from None
+                    error = PublishError(f"{what} failed: {_describe(exc)}")
+                    error.status = _status(exc)
+                    raise error from None
                 wait = self.backoff_seconds * 2**attempt
                 log.warning("%s: %s; retrying in %.1f s (%d/%d)", what, _describe(exc), wait, attempt + 1,
                             self.retries)
@@ -92,14 +138,19 @@ class HubPublisher:
 
         return self._call(f"listing {repo_id}", listing)
 
-    def publish(self, repo_id: str, files: dict[str, tuple[Path, str]], *, private: bool,
-                message: str) -> PublishResult:
-        from huggingface_hub import CommitOperationAdd
+    def _create(self, repo_id: str, private: bool) -> str:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()  # the build's own progress is on the console; tqdm bars would interleave
-        url = self._call(f"creating {repo_id}", lambda: self.api.create_repo(repo_id, private=private,
-                                                                              exist_ok=True))
+        return str(self._call(f"creating {repo_id}", lambda: self.api.create_repo(repo_id, private=private,
+                                                                                   exist_ok=True)))
+
+    def publish(self, repo_id: str, files: dict[str, tuple[Path, str]], *, private: bool, message: str,
+                preuploaded: Mapping[str, PreuploadedFile] | None = None) -> PublishResult:
+        """`preuploaded`: LFS objects `preupload` sent ahead, committed by their record (no local file needed)."""
+        from huggingface_hub import CommitOperationAdd
+
+        url = self._create(repo_id, private)
         remote = self.remote_files(repo_id)
         uploads, unchanged = [], []
         for name, (path, sha256) in sorted(files.items()):
@@ -108,12 +159,74 @@ class HubPublisher:
                 unchanged.append(name)
             else:
                 uploads.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)))
+        ahead = []
+        for name, file in sorted((preuploaded or {}).items()):
+            if remote.get(name, (None, None))[0] == file.sha256:
+                unchanged.append(name)
+            else:
+                uploads.append(preuploaded_addition(name, file))
+                ahead.append(name)
         commit = None
         if uploads:
-            info = self._call(f"committing to {repo_id}", lambda: self.api.create_commit(
-                repo_id, operations=uploads, commit_message=message))
+            try:
+                info = self._call(f"committing to {repo_id}", lambda: self.api.create_commit(
+                    repo_id, operations=uploads, commit_message=message))
+            except PublishError as exc:
+                gone = self._gone(repo_id, {name: preuploaded[name] for name in ahead}) \
+                    if ahead and exc.status is not None and 400 <= exc.status < 500 else []
+                if gone:
+                    raise PreuploadRejected(f"{exc}: the Hub no longer holds {', '.join(gone)}, uploaded ahead of this "
+                                            "commit (it keeps uploads only for a while unless committed); nothing was "
+                                            "published", gone) from None
+                raise
             commit = info.oid
-        return PublishResult(str(url), [op.path_in_repo for op in uploads], unchanged, commit)
+        return PublishResult(url, sorted(op.path_in_repo for op in uploads), sorted(unchanged), commit)
+
+    def _gone(self, repo_id: str, objects: Mapping[str, PreuploadedFile]) -> list[str]:
+        """Names of `objects` the repo's LFS storage no longer holds: those git-lfs's batch API (a stable protocol)
+        asks to be uploaded again. All of them when it cannot tell."""
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        lfs_json = "application/vnd.git-lfs+json"
+        payload = {"operation": "upload", "transfers": ["basic"], "hash_algo": "sha256",
+                   "objects": [{"oid": f.sha256, "size": f.size} for f in objects.values()]}
+
+        def ask() -> set[str]:
+            response = get_session().post(f"{self.api.endpoint}/{repo_id}.git/info/lfs/objects/batch", json=payload,
+                                          headers={"Accept": lfs_json, "Content-Type": lfs_json,
+                                                   **build_hf_headers(token=self.api.token)})
+            hf_raise_for_status(response)
+            return {o["oid"] for o in response.json()["objects"] if o.get("actions") or o.get("error")}
+
+        try:
+            absent = self._call(f"checking the uploads to {repo_id}", ask)
+        except (PublishError, KeyError, TypeError, ValueError):
+            return sorted(objects)
+        return sorted(name for name, f in objects.items() if f.sha256 in absent)
+
+    def preupload(self, repo_id: str, files: dict[str, tuple[Path, str]], *,
+                  private: bool) -> dict[str, PreuploadedFile | None]:
+        """Send the LFS files among `files` (name -> (path, sha256)) to the repo's storage ahead of a commit (which
+        needs the repo: it is created, as publish would). Name -> what a commit needs of it without the file; None
+        for a file the Hub keeps as a regular git file (a commit carries its bytes). Files the repo already holds with
+        that sha256 are not sent."""
+        from huggingface_hub import CommitOperationAdd
+
+        self._create(repo_id, private)
+        remote = self.remote_files(repo_id)
+        out: dict[str, PreuploadedFile | None] = {}
+        ops = []
+        for name, (path, sha256) in sorted(files.items()):
+            if remote.get(name, (None, None))[0] == sha256:
+                out[name] = _record(path, sha256)
+            else:
+                ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)))
+        if ops:
+            self._call(f"uploading to {repo_id}", lambda: self.api.preupload_lfs_files(repo_id, additions=ops))
+        for op in ops:
+            # as documented, preupload_lfs_files swaps an uploaded LFS file's content for b""; a regular one keeps it
+            out[op.path_in_repo] = _record(*files[op.path_in_repo]) if op.path_or_fileobj == b"" else None
+        return out
 
     def read_manifest(self, repo_id: str) -> dict[str, Any] | None:
         """quantforge.json on the repo's main branch, in one GET (hf_hub_download would add a HEAD): what a nightly
@@ -145,6 +258,12 @@ class HubPublisher:
         # a regular file's sha256 is not on the Hub; its presence is what this cheap check can say
         return [name for name, sha in files.items()
                 if name not in remote or (remote[name][0] is not None and remote[name][0] != sha)]
+
+
+def _record(path: Path, sha256: str) -> PreuploadedFile:
+    with open(path, "rb") as f:
+        sample = f.read(512)
+    return PreuploadedFile(sha256, path.stat().st_size, sample)
 
 
 def _status(exc: BaseException) -> int | None:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ class LocalDirPublisher:
         return self.root / repo_id
 
     def publish(self, repo_id: str, files: dict[str, tuple[Path, str]], *, private: bool,
-                message: str) -> PublishResult:
+                message: str, preuploaded: Mapping[str, Any] | None = None) -> PublishResult:
+        if preuploaded:  # uploads ahead are planned for the Hub only (publish/upload.py)
+            raise PublishError(f"{repo_id}: a folder cannot take files uploaded ahead")
         dest = self.repo_dir(repo_id)
         uploaded, unchanged = [], []
         order = _publish_order(list(files))

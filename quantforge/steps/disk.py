@@ -88,6 +88,15 @@ def output_bytes(step: Step, size: SourceSize) -> int:
     return 0
 
 
+def scratch_bytes(step: Step, size: SourceSize) -> int:
+    """About how much `step` writes and deletes again before it ends: the split shards of an artifact over the
+    size limit, uploaded to the Hub ahead of its commit (publish/upload.py)."""
+    if step.kind == "publish.upload":
+        whole = output_bytes(step.inputs["artifact"], size)
+        return whole if whole > step.params["max_file_size"] else 0
+    return 0
+
+
 @dataclass
 class DiskUse:
     """The peak one filesystem sees during a build, and what makes it up."""
@@ -122,8 +131,9 @@ def disk_use(steps: Sequence[Step], todo: Iterable[str], *, work_root: Path, hf_
     run = set(todo)
     readers: dict[str, set[str]] = {s.label: set() for s in steps}
     for step in steps:
-        for dep in step.inputs.values():
-            readers.setdefault(dep.label, set()).add(step.label)
+        for role, dep in step.inputs.items():
+            if role not in step.data_only:  # as the build's Evictor counts them: a step reading only data does not
+                readers.setdefault(dep.label, set()).add(step.label)
     uses: dict[str, DiskUse] = {}
     held: dict[str, tuple[str, int]] = {}  # label -> (mount, bytes)
     live: dict[str, dict[str, int]] = {}  # mount -> label -> bytes
@@ -145,6 +155,10 @@ def disk_use(steps: Sequence[Step], todo: Iterable[str], *, work_root: Path, hf_
         if total > uses[mount].peak_bytes:
             uses[mount].peak_bytes, uses[mount].at_peak = total, dict(live[mount])
 
+    def drop(label: str) -> None:
+        mount, _ = held.pop(label)
+        live[mount].pop(label, None)
+
     sizes: dict[str, SourceSize] = {}
     for step in steps:
         source = upstream_of_kind(step, "source")
@@ -158,13 +172,16 @@ def disk_use(steps: Sequence[Step], todo: Iterable[str], *, work_root: Path, hf_
                 add(f"{step.params['repo_id']} (published copy)", place(dest, "destination"),
                     sum(output_bytes(d, size) for d in step.inputs.values()))
             else:
-                add(step.label, place(work_root, "work dir"), output_bytes(step, size))
+                mount = place(work_root, "work dir")
+                if scratch := scratch_bytes(step, size):  # written and deleted again while the step runs
+                    add(f"{step.label} (scratch)", mount, scratch)
+                    drop(f"{step.label} (scratch)")
+                add(step.label, mount, output_bytes(step, size))
         finished.add(step.label)
         if evict:
             for dep in step.inputs.values():
                 if dep.label in held and kind_info(dep.kind).evict and readers[dep.label] <= finished:
-                    mount, _ = held.pop(dep.label)
-                    live[mount].pop(dep.label, None)
+                    drop(dep.label)
     return [u for u in uses.values() if u.peak_bytes > 0]
 
 
