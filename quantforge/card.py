@@ -21,6 +21,7 @@ from .core.formats import ReleaseInfo
 from .core.step import StepOutput
 from .data import parse_text_source
 from .figures import format_pct
+from .toolchains import tokenizer_worker
 
 CARD_FILE = "README.md"
 HUB_URL = "https://huggingface.co"  # repo links in cards and GGUF metadata name the Hub, whatever `publish.to` is
@@ -126,14 +127,8 @@ def chat_example(source_dir: Path) -> str | None:
     the model, which the Jinja alone makes hard to see. None when there is no template or it does not render."""
     if read_chat_template(source_dir) is None:
         return None
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source_dir)
-        text = tokenizer.apply_chat_template(list(EXAMPLE_CHAT), tokenize=False)
-    except Exception:  # a template that needs tools, a date or remote code: the card shows the Jinja only
-        return None
-    return text if isinstance(text, str) and text.strip() else None
+    # a template that needs tools, a date or remote code does not render: the card then shows the Jinja only
+    return tokenizer_worker.chat_example(source_dir, list(EXAMPLE_CHAT))
 
 
 def measured(artifact: dict[str, Any], gate: dict[str, Any]) -> dict[str, str]:

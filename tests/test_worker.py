@@ -60,4 +60,5 @@ def test_the_worker_ends_when_closed(served, tmp_path):
     call(tmp_path, "one", "hold", "x")
     worker = ServedWorker.of("served_child")
     close_served_workers()
-    assert worker.proc.poll() == 0
+    assert worker.proc.wait(timeout=10) == 0  # it exits by itself once its stdin is closed
+    assert ServedWorker.of("served_child") is not worker  # the next command gets a new one

@@ -24,9 +24,8 @@ from ..config.schema import ModelTarget, Targets
 from ..core.registry import step_kind
 from ..core.step import PlanContext, Step, StepContext, StepOutput
 from ..data import cut_calibration, load_text, text_identity
-from ..toolchains import torch_worker
+from ..toolchains import tokenizer_worker, torch_worker
 from .evaluation import local_text_source
-from .source import bos_added, load_tokenizer
 
 CALIBRATION_FILE = "calibration.npy"
 IMATRIX_FILE = "imatrix.npz"
@@ -61,13 +60,14 @@ def imatrix_step(model: ModelTarget, source: Step, calibration: Step) -> Step:
 @step_kind("calibration", version="2")  # 2: BOS only when the tokenizer adds one
 def run_calibration(step: Step, ctx: StepContext) -> dict[str, Any]:
     text = load_text(local_text_source(step))
-    tokenizer = load_tokenizer(Path(ctx.inputs["source"].data["path"]))
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = bos_added(tokenizer)
-    windows, first = cut_calibration(ids, step.params["seq_len"], step.params["samples"], bos)
+    tokenized = tokenizer_worker.tokenize(Path(ctx.inputs["source"].data["path"]), [text], ctx.out_dir,
+                                          ctx.log_path)
+    [ids] = tokenized.ids
+    windows, first = cut_calibration(ids, step.params["seq_len"], step.params["samples"],
+                                     tokenized.bos_id if tokenized.adds_bos else None)
     np.save(ctx.out_dir / CALIBRATION_FILE, windows)
     return {"text_tokens": len(ids), "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-            "first_token": first, "bos_id": tokenizer.bos_token_id, "adds_bos": bos is not None}
+            "first_token": first, "bos_id": tokenized.bos_id, "adds_bos": tokenized.adds_bos}
 
 
 @step_kind("gguf.imatrix", version="1")

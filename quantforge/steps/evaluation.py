@@ -24,8 +24,7 @@ from ..core.formats import EvalSteps
 from ..core.registry import step_kind
 from ..core.step import PlanContext, Step, StepContext
 from ..data import TextSource, cut_windows, load_text, parse_text_source, resolve_paths, text_identity
-from ..toolchains import torch_worker
-from .source import bos_added, load_tokenizer
+from ..toolchains import tokenizer_worker, torch_worker
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +66,15 @@ def local_text_source(step: Step) -> TextSource:
 def run_tokens(step: Step, ctx: StepContext) -> dict[str, Any]:
     source_dir = Path(ctx.inputs["source"].data["path"])
     text = load_text(local_text_source(step))
-    tokenizer = load_tokenizer(source_dir)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = bos_added(tokenizer)
-    windows = cut_windows(ids, step.params["ctx"], step.params["chunks"], bos)
-    np.save(ctx.out_dir / WINDOWS_FILE, windows)
     sample = text[:SAMPLE_CHARS] + "\n" + TOKENIZER_PROBE
-    sample_ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    tokenized = tokenizer_worker.tokenize(source_dir, [text, sample], ctx.out_dir, ctx.log_path)
+    ids, sample_ids = tokenized.ids
+    windows = cut_windows(ids, step.params["ctx"], step.params["chunks"],
+                          tokenized.bos_id if tokenized.adds_bos else None)
+    np.save(ctx.out_dir / WINDOWS_FILE, windows)
     (ctx.out_dir / SAMPLE_FILE).write_text(json.dumps({"text": sample, "ids": sample_ids}, ensure_ascii=False))
     return {"text_tokens": len(ids), "windows": int(windows.shape[0]), "ctx": int(windows.shape[1]),
-            "bos_id": tokenizer.bos_token_id, "adds_bos": bos is not None}
+            "bos_id": tokenized.bos_id, "adds_bos": tokenized.adds_bos}
 
 
 

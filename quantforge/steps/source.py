@@ -199,33 +199,3 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
     }
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "tokenizer.model", "merges.txt")
-
-
-def load_tokenizer(source_dir: Path) -> Any:
-    """The source's tokenizer; a broken file is named (transformers' own error often is a bare codec message)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source_dir)
-    except Exception as exc:  # transformers raises many types for one cause: a file it cannot read
-        for name in TOKENIZER_FILES:
-            path = source_dir / name
-            if path.suffix == ".json" and path.is_file():
-                try:
-                    json.loads(path.read_text(encoding="utf-8"))
-                except (UnicodeDecodeError, ValueError) as bad:
-                    raise SourceError(f"{path}: not a valid tokenizer file ({bad})") from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"{source_dir}: cannot load the tokenizer ({first[:300]})") from None
-
-
-def bos_added(tokenizer: Any) -> int | None:
-    """The BOS id when the tokenizer itself prepends it (add_special_tokens=True), else None. Qwen-family
-    tokenizers define a BOS token but do not add one; llama.cpp follows the same rule."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return None
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos if probe and probe[0] == bos else None

@@ -186,7 +186,9 @@ def watch(proc: subprocess.Popen, on_tick: Callable[[], None] | None = None, *, 
                 pass
         elif select.select([reply], [], [], sample)[0]:
             line = reply.readline()
-            return Watched(int(line) if line.strip().lstrip("-").isdigit() else proc.wait(), peak)
+            if line.strip().lstrip("-").isdigit():  # answered: its high-water mark still holds the command's peak
+                return Watched(int(line), max(peak, tree_peak_rss(proc.pid)))
+            return Watched(proc.wait(), peak)
         if on_tick is not None and time.monotonic() - last_tick >= every:
             last_tick = time.monotonic()
             on_tick()

@@ -207,7 +207,10 @@ class ServedWorker:
                 self.close(kill=True)
             return outcome
 
-    def close(self, kill: bool = False) -> None:
+    def close(self, kill: bool = False, wait: bool = True) -> None:
+        """End the worker: at once (`kill`), or by closing its stdin, after which it exits by itself; `wait`: until
+        it has (a worker that imported torch spends most of a second tearing down, which nothing needs to wait for
+        at the end of a build)."""
         if kill:
             self.proc.kill()
         elif self.proc.stdin is not None:
@@ -215,11 +218,12 @@ class ServedWorker:
                 self.proc.stdin.close()
             except OSError:
                 pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if kill or wait:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         with ServedWorker._lock:
@@ -227,10 +231,11 @@ class ServedWorker:
                 del ServedWorker._workers[self.module]
 
 
-def close_served_workers() -> None:
-    """End every idle served worker (a build does at its end; nothing is kept running between builds)."""
+def close_served_workers(wait: bool = False) -> None:
+    """End every idle served worker (a build does at its end; nothing is kept running between builds). Without
+    `wait` they finish exiting on their own."""
     for worker in list(ServedWorker._workers.values()):
-        worker.close()
+        worker.close(wait=wait)
 
 
 atexit.register(close_served_workers)
