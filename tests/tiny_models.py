@@ -64,3 +64,18 @@ def make_untrained_bpe_model(dest: Path) -> Path:
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest
+
+
+def fake_checkpoint(folder: Path, weights: tuple[int, int] = (64, 64)) -> Path:
+    """Enough of a checkpoint to plan (config, one fp16 safetensors tensor of shape `weights`, a tokenizer file):
+    nothing builds it."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"torch_dtype": "float16"}))
+    save_file({"w": np.zeros(weights, dtype=np.float16)}, str(folder / "model.safetensors"))
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
