@@ -296,7 +296,7 @@ def quantize(in_file: Path, out_file: Path, gguf_type: str, log_path: Path, thre
     if kv_overrides is not None:
         args += ["--kv-overrides", json.dumps(check_kv_overrides(kv_overrides), ensure_ascii=False)]
     # one worker serves a build's quantizations: libllama frees all it allocates when llama_model_quantize returns,
-    # and a process start costs about as much as quantizing a small model to one type
+    # and a process start is a fifth of quantizing a small model (0.19 of 0.93 s per type, SmolLM2-135M, 2 cores)
     result = _run_worker(args, log_path, out_file.with_suffix(".result.json"), served=True)
     if not result.get("ok") or not out_file.is_file():
         raise ToolchainError(f"llama.cpp quantization to {gguf_type} failed: {result.get('error', 'unknown')}")

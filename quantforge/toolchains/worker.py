@@ -116,8 +116,8 @@ def run_worker(module: str, args: Sequence[str], log_path: Path, result_file: Pa
     A child killed by SIGKILL (the kernel's out-of-memory killer, or a cgroup limit) gets an error naming
     `label` (default: the step whose log this is), the peak it reached, the limit, and `oom_hint`.
     `served`: hand the command to a long-lived worker of `module` (started on first use, ServedWorker) rather
-    than a new process: for short calls of a tool that frees what it allocates, whose start-up would cost more
-    than the work (libllama's quantization of a small model)."""
+    than a new process: for short calls of a tool that frees what it allocates, whose start-up (imports) is a
+    large share of the work (libllama's quantization of a small model, the tokenizer)."""
     from .memory import watch
 
     argv = ["--result", str(result_file), *args]
