@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import BadInputError, DiskFull
 from ..store import MANIFEST, NO_SPACE, WorkDir, disk_full, sha256_file
 from ..toolchains.worker import close_served_workers
-from .plan import Plan
+from .plan import Plan, evictable_inputs, file_readers
 from .registry import kind_info
 from .staleness import published_record, stale_reasons
 from .step import BuildOptions, Reason, Step, StepContext, StepOutput
@@ -232,19 +232,13 @@ class Evictor:
 
     def __init__(self, plan: Plan, work: WorkDir):
         self.work = work
-        self.readers: dict[int, set[str]] = {id(s): set() for s in plan.steps}
-        for step in plan.steps:
-            for role, dep in step.inputs.items():
-                if role not in step.data_only:
-                    self.readers[id(dep)].add(step.label)
+        self.readers = file_readers(plan.steps)
         self.finished: set[str] = set()
         self.freed_bytes = 0
 
     def done(self, step: Step) -> None:
         self.finished.add(step.label)
-        for dep in step.inputs.values():
-            readers = self.readers.get(id(dep))
-            if readers is not None and kind_info(dep.kind).evict and readers <= self.finished:
+        for dep in evictable_inputs(step, self.readers, self.finished):
                 self.freed_bytes += self.work.evict(dep.kind, dep.key)
 
 

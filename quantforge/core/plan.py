@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import BadInputError
+from .registry import kind_info
 from .step import Step
 
 if TYPE_CHECKING:
@@ -53,6 +54,24 @@ def upstream_of_kind(step: Step, kind: str) -> Step | None:
             return current
         stack.extend(current.inputs.values())
     return None
+
+
+def file_readers(steps: Iterable[Step]) -> dict[str, set[str]]:
+    """label -> the labels of the steps among `steps` that read its output's files (a step that reads only an
+    input's recorded data, Step.data_only, does not count): what `build --evict` waits for."""
+    readers: dict[str, set[str]] = {}
+    for step in steps:
+        readers.setdefault(step.label, set())
+        for role, dep in step.inputs.items():
+            if role not in step.data_only:
+                readers.setdefault(dep.label, set()).add(step.label)
+    return readers
+
+
+def evictable_inputs(step: Step, readers: dict[str, set[str]], finished: set[str]) -> list[Step]:
+    """The inputs `build --evict` deletes once `step` (in `finished`) has run: those of an evictable kind whose
+    file readers (file_readers) have all run. The build's Evictor and the disk estimate both ask this."""
+    return [dep for dep in step.inputs.values() if kind_info(dep.kind).evict and readers[dep.label] <= finished]
 
 
 def topological(steps: Iterable[Step]) -> tuple[Step, ...]:

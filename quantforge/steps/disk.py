@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.plan import upstream_of_kind
-from ..core.registry import kind_info
+from ..core.plan import evictable_inputs, file_readers, upstream_of_kind
 from ..core.step import Step
 from ..errors import DiskFull
 from ..figures import format_size
@@ -129,11 +128,7 @@ def disk_use(steps: Sequence[Step], todo: Iterable[str], *, work_root: Path, hf_
     count everything on one filesystem (a CI runner's), rather than this machine's mounts; no `hf_cache`: a Hub
     source is downloaded whole."""
     run = set(todo)
-    readers: dict[str, set[str]] = {s.label: set() for s in steps}
-    for step in steps:
-        for role, dep in step.inputs.items():
-            if role not in step.data_only:  # as the build's Evictor counts them: a step reading only data does not
-                readers.setdefault(dep.label, set()).add(step.label)
+    readers = file_readers(steps)  # as the build's Evictor counts them
     uses: dict[str, DiskUse] = {}
     held: dict[str, tuple[str, int]] = {}  # label -> (mount, bytes)
     live: dict[str, dict[str, int]] = {}  # mount -> label -> bytes
@@ -179,8 +174,8 @@ def disk_use(steps: Sequence[Step], todo: Iterable[str], *, work_root: Path, hf_
                 add(step.label, mount, output_bytes(step, size))
         finished.add(step.label)
         if evict:
-            for dep in step.inputs.values():
-                if dep.label in held and kind_info(dep.kind).evict and readers[dep.label] <= finished:
+            for dep in evictable_inputs(step, readers, finished):
+                if dep.label in held:
                     drop(dep.label)
     return [u for u in uses.values() if u.peak_bytes > 0]
 
