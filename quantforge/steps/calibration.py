@@ -63,8 +63,7 @@ def run_calibration(step: Step, ctx: StepContext) -> dict[str, Any]:
     tokenized = tokenizer_worker.tokenize(Path(ctx.inputs["source"].data["path"]), [text], ctx.out_dir,
                                           ctx.log_path)
     [ids] = tokenized.ids
-    windows, first = cut_calibration(ids, step.params["seq_len"], step.params["samples"],
-                                     tokenized.bos_id if tokenized.adds_bos else None)
+    windows, first = cut_calibration(ids, step.params["seq_len"], step.params["samples"], tokenized.window_bos)
     np.save(ctx.out_dir / CALIBRATION_FILE, windows)
     return {"text_tokens": len(ids), "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
             "first_token": first, "bos_id": tokenized.bos_id, "adds_bos": tokenized.adds_bos}

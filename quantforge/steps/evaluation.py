@@ -69,8 +69,7 @@ def run_tokens(step: Step, ctx: StepContext) -> dict[str, Any]:
     sample = text[:SAMPLE_CHARS] + "\n" + TOKENIZER_PROBE
     tokenized = tokenizer_worker.tokenize(source_dir, [text, sample], ctx.out_dir, ctx.log_path)
     ids, sample_ids = tokenized.ids
-    windows = cut_windows(ids, step.params["ctx"], step.params["chunks"],
-                          tokenized.bos_id if tokenized.adds_bos else None)
+    windows = cut_windows(ids, step.params["ctx"], step.params["chunks"], tokenized.window_bos)
     np.save(ctx.out_dir / WINDOWS_FILE, windows)
     (ctx.out_dir / SAMPLE_FILE).write_text(json.dumps({"text": sample, "ids": sample_ids}, ensure_ascii=False))
     return {"text_tokens": len(ids), "windows": int(windows.shape[0]), "ctx": int(windows.shape[1]),

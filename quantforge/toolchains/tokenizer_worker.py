@@ -33,6 +33,11 @@ class Tokenized:
     bos_id: int | None  # the tokenizer's BOS token
     adds_bos: bool  # whether the tokenizer itself prepends it (see bos_added)
 
+    @property
+    def window_bos(self) -> int | None:
+        """The id each window starts with: BOS when the tokenizer adds one (as llama.cpp does), else none."""
+        return self.bos_id if self.adds_bos else None
+
 
 # ------------------------------------------------------------------------------------------ parent side
 
