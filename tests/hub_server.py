@@ -158,8 +158,10 @@ class HubServer:
                                  **({"lfs": {"oid": f["lfs"], "size": f["size"], "pointerSize": 130}}
                                     if f["lfs"] else {})} for p, f in sorted(files.items())])
                         return self._send(200, {"id": repo_id, "sha": sha, "private": repo.private,
-                                                "siblings": [{"rfilename": p, "size": f["size"]}
-                                                             for p, f in sorted(files.items())]})
+                                                "siblings": [
+                            {"rfilename": p, "size": f["size"], "blobId": f["blob"],
+                             **({"lfs": {"sha256": f["lfs"], "size": f["size"], "pointerSize": 130}}
+                                if f["lfs"] else {})} for p, f in sorted(files.items())]})
                     if action == "preupload":
                         return self._preupload(repo, json.loads(self._body()))
                     if action == "commit":

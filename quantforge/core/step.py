@@ -130,6 +130,7 @@ class Reason:
           | unpublished (the destination holds no record of a finished quantforge publication)
           | since-published (key: a step's label; new: new | changed | removed, against the published record)
           | moved (new: where a file outside the work dir, keyed by its content, now is)
+          | redescribe (new: what an output made by an older quantforge lacks; its step runs again, same key)
     """
 
     what: str

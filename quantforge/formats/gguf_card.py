@@ -3,7 +3,6 @@ can and cannot tell apart, how to download and run a file, the sampling defaults
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..card import calibration_desc, eval_desc, measured, render_card
@@ -49,7 +48,7 @@ def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOu
     default_type = next((t for t in DEFAULT_TYPES if t in types), types[0])
     first_quant = next(iter(artifacts.values()))[0]
     arch = first_quant.data.get("architecture")
-    sampling = sampling_defaults(Path(source.data["path"]))
+    sampling = sampling_defaults(source)
     matrix = imatrix_files(extras)
     return render_card(
         CARD_TEMPLATE, source, namespace, "gguf", {"gguf", "llama.cpp", *([arch] if arch else [])},

@@ -175,8 +175,9 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
         "model": step.model,
         "format": step.params["format"],
         # a Hub source by its repo id and commit; a local one by its content digest alone (never its folder)
-        "source": {k: source.params[k] for k in ("commit", "digest") if source.params.get(k)}
-                  | ({"source": source.params["source"]} if "commit" in source.params else {}),
+        "source": {"source": source.params["source"], "commit": source.data.get("commit")}
+                  if "digest" not in source.params
+                  else {"digest": source.params["digest"]},
         **({"release": release | {"siblings": dict(card.release.siblings)}} if release else {}),
         "artifacts": artifacts,
         **({"repo_files": {f.name: {"sha256": f.sha256, **public_data(f.about)} for f in repo_files}}
@@ -196,7 +197,7 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
     files = {**artifact_files, **{f.name: (f.path, f.sha256) for f in repo_files},
              REPO_MANIFEST: (manifest_file, sha256_file(manifest_file)), CARD_FILE: (card_file, sha256_file(card_file))}
     publisher = publisher_for(destination(step))
-    commit = source.params.get("commit") or source.params.get("digest", "")
+    commit = source.data.get("commit") or source.params.get("digest", "")
     try:
         result = publisher.publish(step.params["repo_id"], files, private=step.params["private"],
                                    message=f"quantforge {__version__}: {step.params['format']} of {step.model} "
