@@ -181,7 +181,18 @@ def measured(artifact: dict[str, Any], gate: dict[str, Any]) -> dict[str, str]:
         "delta_ppl": format_pct(gate.get("delta_ppl")),
         "kld": f"{gate['kld_mean']:.4f}" if "kld_mean" in gate else "-",
         "top1": format_pct(gate.get("top1"), signed=False, digits=1),
+        "gate": gate_desc(gate.get("gate") or {}),
     }
+
+
+def gate_desc(outcome: dict[str, Any]) -> str:
+    """The limits an artifact was published under (its gate step's outcome), as the cards print them."""
+    limits = ([f"ΔPPL ≤ {format_pct(outcome['max_ppl_increase'], digits=1)}"]
+              if outcome.get("max_ppl_increase") is not None else []) + \
+             ([f"KLD ≤ {outcome['max_kld']:g}"] if outcome.get("max_kld") is not None else [])
+    if outcome and not outcome.get("enforced", True):
+        return "not enforced (--no-gate)" + ("; missed" if not outcome.get("passed", True) else "")
+    return ", ".join(limits) or "-"
 
 
 def eval_desc(tokens: StepOutput | None) -> str:

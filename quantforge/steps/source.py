@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ from typing import Any
 from ..card import SourceFacts
 from ..chat_template import has_chat_template
 from ..config.schema import ModelTarget, Targets, is_local_source
+from ..core.plan import upstream_of_kind
 from ..core.registry import step_kind
+from ..core.staleness import published_record
 from ..core.step import PlanContext, Reason, Step, StepContext
 from ..data import portable_path
 from ..errors import SourceError
@@ -67,6 +70,20 @@ def source_step(model: ModelTarget, targets: Targets, context: PlanContext) -> S
 def hub_commit(step: Step) -> str | None:
     """The commit a Hub source step was resolved to (provenance, not part of its key); None for a local source."""
     return step.local.get("commit")
+
+
+def same_files_notes(steps: Iterable[Step]) -> list[str]:
+    """For each repo that is up to date though its Hub source moved to a new commit (one that changed no file a
+    build reads): a line saying so, for `plan`."""
+    notes = []
+    for step in steps:
+        record = published_record(step)
+        source = upstream_of_kind(step, "source") if record is not None else None
+        commit = hub_commit(source) if source is not None else None
+        if record is not None and commit and record.key == step.key and record.source_commit not in (None, commit):
+            notes.append(f"{step.model}: source: new commit {commit[:12]}, same files (published from "
+                         f"{str(record.source_commit)[:12]}): nothing to rebuild")
+    return list(dict.fromkeys(notes))
 
 
 def content_digest(step: Step) -> str:
