@@ -135,6 +135,7 @@ def test_a_week_of_changes_costs_what_each_change_needs(hub, tmp_path, tiny_mode
     commit = last_commit(hub)
     assert commit["deleted"] == ["a-Q4_0.gguf"] and commit["files"] == ["README.md", "quantforge.json"]
     assert sorted(hub.repos["t/a-GGUF"].files) == ["NOTES.md", "README.md", "a-Q8_0.gguf", "quantforge.json"]
+    assert "**No longer published:** a-Q4_0.gguf" in hub.repos["t/a-GGUF"].files["README.md"]["content"].decode()
 
     # ---- a new card template: one commit with README.md and quantforge.json only
     legs, steps = week.night(targets(gate=0.75, types="Q8_0"), PYTHONPATH=str(_folder(

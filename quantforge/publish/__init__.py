@@ -185,6 +185,15 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
                            **({"shards": list(files.shards)} if files.shards else {})}
     card = _card_inputs(step, ctx.inputs, built)
     repo_files = fmt.repo_files(card, ctx.out_dir)
+    previous = previous_manifest(step)
+    made = {**artifact_files, **{f.name: (f.path, f.sha256) for f in repo_files}}
+    made_entries = file_entries(made, {name: f.sha256 for name, f in ahead.items()}, previous)
+    # a type no longer declared: its files go in the same commit, unless --keep-removed (then they stay listed)
+    removed = removed_files(previous, made_entries)
+    if ctx.options.keep_removed:
+        made_entries.update({name: recorded_files(previous)[name] for name in removed})
+        removed = []
+    card = replace(card, removed=tuple(removed))
     release = {k: v for k, v in asdict(card.release).items() if v}
     manifest = {
         "quantforge": __version__,
@@ -208,14 +217,7 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
     card_file.write_text(fmt.render_card(card), encoding="utf-8")
     # a folder gets its card last: the record counts only beside this very card (a publish cut short does not)
     manifest["build"]["card_sha256"] = sha256_file(card_file)
-    previous = previous_manifest(step)
-    made = {**artifact_files, **{f.name: (f.path, f.sha256) for f in repo_files}}
-    manifest["files"] = file_entries(made, {name: f.sha256 for name, f in ahead.items()}, previous)
-    # a type no longer declared: its files go in the same commit, unless --keep-removed (then they stay listed)
-    removed = removed_files(previous, manifest["files"])
-    if ctx.options.keep_removed:
-        manifest["files"].update({name: recorded_files(previous)[name] for name in removed})
-        removed = []
+    manifest["files"] = made_entries
     manifest_file = ctx.out_dir / REPO_MANIFEST
     manifest_file.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     _refuse_local_paths([manifest_file, card_file, *(f.path for f in repo_files if f.path.parent == ctx.out_dir)],
