@@ -66,8 +66,9 @@ def quantize_metadata(model: ModelTarget, release: ReleaseInfo, source: Step, im
     if release.license:
         kv["general.license"] = release.license
     # the Hub repo itself is in general.source.repo_url (conversion): a repo id may exceed an override's 127 bytes.
-    # The source by its content, not its commit: a commit that changes no file a build reads requantizes nothing
-    kv["quantforge.source.digest"] = content_digest(source)
+    # The source by its content digest, not its commit (the card names the commit): a commit that changes no file
+    # a build reads requantizes nothing. The key's name predates that; a local source's value is as it was.
+    kv["quantforge.source.revision"] = content_digest(source)
     if imatrix is not None:
         kv.update(imatrix_gguf.quantize_kv(*imatrix))
     return kv
