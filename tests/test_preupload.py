@@ -67,10 +67,14 @@ def test_a_hub_leg_uploads_each_artifact_after_its_gate_and_expects_one_artifact
     upload = steps[labels.index("d/gguf/Q8_0:upload")]
     assert dict(upload.params) == {"repo_id": "t/d-GGUF", "private": False, "format": "gguf",
                                    "max_file_size": 48_000_000_000}
-    assert set(upload.inputs) == {"artifact", "gate"} and str(tmp_path) not in canonical_json(upload.fingerprint())
+    # keyed by its artifact alone; it waits for its gate (a changed gate uploads nothing again)
+    assert set(upload.inputs) == {"artifact"} and [s.label for s in upload.after] == ["d/gguf/Q8_0:gate"]
+    assert str(tmp_path) not in canonical_json(upload.fingerprint())
     publish = steps[-1]
     assert {r for r in publish.inputs if r.startswith("upload:")} == {f"upload:{t}" for t in TYPES}
-    assert publish.data_only == {f"artifact:{t}" for t in TYPES}  # the card reads their data; the bytes went ahead
+    # the card reads their data; the bytes went ahead (and a destination's record of any of them serves)
+    assert publish.data_only == {"source", "tokens", *(f"{role}:{t}" for t in TYPES
+                                                       for role in ("artifact", "check", "upload"))}
     assert not any(s.kind == "publish.upload" for s in plans["dir:./out"].steps)  # a folder: as before
 
     # the expected peak (plan --github-matrix, the disk preflight): source + intermediate + the largest artifact

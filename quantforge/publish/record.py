@@ -50,8 +50,11 @@ def public_data(value: Any) -> Any:
 def step_record(output: StepOutput) -> dict[str, Any]:
     """What a repo keeps of one upstream step's output: a manifest without its files' bytes."""
     manifest = output.manifest
+    params = public_data(dict(manifest.get("params") or {}))
+    if "digest" in params:  # a local source: named by its content, never by the folder written in targets.yaml
+        params.pop("source", None)
     return {"kind": manifest.get("kind"), "key": manifest.get("key"), "label": manifest.get("label"),
-            "params": public_data(dict(manifest.get("params") or {})), "tools": dict(manifest.get("tools") or {}),
+            "params": params, "tools": dict(manifest.get("tools") or {}),
             "data": public_data(dict(manifest.get("data") or {})),
             "files": {name: {k: v for k, v in meta.items() if k in ("size", "sha256")}
                       for name, meta in (manifest.get("files") or {}).items()}}
