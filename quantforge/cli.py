@@ -380,6 +380,15 @@ def ci_init(targets: Annotated[Path, typer.Option("--targets", help="The targets
 
 
 @app.command()
+def schema(markdown: Annotated[bool, typer.Option(
+        "--markdown", help="Print the reference page instead (docs/targets-reference.md).")] = False) -> None:
+    """Print the JSON Schema of targets.yaml, for editors' completion (see docs/targets-reference.md)."""
+    from .schema_export import reference_markdown, schema_json
+
+    typer.echo(reference_markdown() if markdown else schema_json(), nl=False)
+
+
+@app.command()
 def doctor(json_output: JsonOpt = False, llama_cpp: LlamaCppOpt = None) -> None:
     """Report the toolchain: versions, llama.cpp converter, GPU."""
     from .doctor import collect

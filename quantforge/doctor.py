@@ -70,7 +70,7 @@ def gpu_report(libllama_offload: bool | None) -> dict[str, str]:
                       "and importance matrix stream big models layer by layer)"}
         if driver:  # an NVIDIA driver but a torch that cannot use it: the usual mistake on a GPU box
             out["gpu missing"] = (f"an NVIDIA driver is loaded but torch {torch.__version__} has no CUDA "
-                                  "(install the CUDA torch wheel: README, Big models)")
+                                  "(install the CUDA torch wheel: docs/big-models.md)")
         return out
     free, total = torch.cuda.mem_get_info(0)
     uses = ["torch reference and importance matrix (bf16)"]

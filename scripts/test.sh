@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what it needs, lints, runs every test (slow ones included).
+#   bash scripts/test.sh --fast     the fast tier: lint, then every test not marked slow (about 2 minutes on
+#                                   two cores; no model builds, no mounts, no npm)
+# Other arguments go to pytest, e.g. `bash scripts/test.sh --fast tests/test_plan.py -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+VENV=${QUANTFORGE_VENV:-.venv}
+tier=()
+if [ "${1:-}" = --fast ]; then
+  shift
+  tier=(-m "not slow")
+fi
 bash scripts/bootstrap.sh
-.venv/bin/ruff check quantforge tests scripts
-exec .venv/bin/python -m pytest "$@"
+"$VENV/bin/ruff" check quantforge tests scripts
+exec "$VENV/bin/python" -m pytest "${tier[@]}" "$@"

@@ -84,7 +84,9 @@ def memory_cgroup(name: str, limit: int) -> Cgroup:
 def memory_cgroup_or_skip(name: str, limit: int) -> Cgroup:
     """memory_cgroup, or a pytest skip that says why none can be made here."""
     import pytest
+    from tiers import require_slow
 
+    require_slow("makes a memory cgroup")
     try:
         return memory_cgroup(name, limit)
     except CgroupUnavailable as exc:

@@ -8,11 +8,28 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import tiers
+from tiers import unmarked_heavy
 from tiny_models import make_tiny_model
 
 import quantforge.pipeline  # noqa: F401  (registers every format and step kind, as a build does)
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep the fast tier fast: a test using a fixture that builds a model must be marked slow (tests/tiers.py)."""
+    unmarked = unmarked_heavy(items)
+    if unmarked:
+        raise pytest.UsageError("these tests build models but are not marked slow; add @pytest.mark.slow (or a "
+                                "module-level pytestmark):\n  " + "\n  ".join(unmarked))
+
+
+@pytest.fixture(autouse=True)
+def _tier(request: pytest.FixtureRequest):
+    tiers.current = request.node
+    yield
+    tiers.current = None
 
 
 @pytest.fixture

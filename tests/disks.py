@@ -11,10 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from tiers import require_slow
 
 
 @contextmanager
 def small_disk(path: Path, size: str) -> Iterator[Path]:
+    require_slow("mounts a size-capped tmpfs")
     if os.geteuid() != 0:
         pytest.skip("mounting a size-capped tmpfs needs root (CI and the dev machines run as root)")
     path.mkdir(parents=True, exist_ok=True)

@@ -208,6 +208,7 @@ def actionlint(tmp_path_factory) -> Path:
     return script
 
 
+@pytest.mark.slow
 def test_the_shipped_workflows_pass_actionlint(actionlint, tmp_path):
     bad = tmp_path / "bad.yml"
     bad.write_text("on: push\njobs:\n  a:\n    needs: nope\n    runs-on: ubuntu-latest\n    steps:\n      - run: x\n")
@@ -327,6 +328,7 @@ def disk_targets(tmp_path: Path, source: Path, out: Path) -> Path:
     return targets
 
 
+@pytest.mark.slow
 def test_the_disk_preflight_fails_in_seconds_with_both_numbers(tmp_path, tiny_models):
     with small_disk(tmp_path / "disk", "8m") as disk:
         targets = disk_targets(tmp_path, tiny_models("llama"), disk / "out")
@@ -338,6 +340,7 @@ def test_the_disk_preflight_fails_in_seconds_with_both_numbers(tmp_path, tiny_mo
         assert "Traceback" not in proc.stderr and not (disk / "work" / "steps").exists()
 
 
+@pytest.mark.slow
 def test_eviction_lets_a_leg_fit_where_one_without_it_does_not(tmp_path, tiny_models):
     source = tiny_models("llama")
     with small_disk(tmp_path / "disk", "50m") as disk:

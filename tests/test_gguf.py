@@ -130,6 +130,7 @@ def test_unknown_bpe_tokenizer_is_a_clear_error(tmp_path, converter):
     assert not (tmp_path / "out").exists()  # nothing published
 
 
+@pytest.mark.noisy  # the ΔPPL and KLD bands of a real model
 def test_smollm2_demo_builds_verifies_and_rebuilds_nothing(tmp_path, smollm2_checkpoint):
     """The real model: Q8_0 and Q4_K_M complete the verification prompt correctly in llama.cpp."""
     targets = tmp_path / "smollm2.yaml"

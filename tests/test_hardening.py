@@ -51,6 +51,7 @@ def test_a_non_finite_measurement_fails_the_gate_whatever_the_limits(tmp_path, b
         _run_gate(tmp_path, measured)  # no max_ppl_increase, no max_kld: still refused
 
 
+@pytest.mark.slow
 def test_a_gguf_with_random_tensor_data_fails_quantforge_eval_with_valid_json(tmp_path, tiny_models, converter):
     from quantforge.toolchains import llamacpp
     from quantforge.toolchains.gguf_header import read_header
@@ -72,6 +73,7 @@ def test_a_gguf_with_random_tensor_data_fails_quantforge_eval_with_valid_json(tm
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_quantforge_eval_keys_a_file_by_its_content_not_where_it_is(tmp_path, tiny_models, converter):
     """No absolute path in an ad-hoc evaluation's keys: the same GGUF moved elsewhere reuses its evaluation."""
     from quantforge.toolchains import llamacpp
@@ -105,6 +107,7 @@ def test_quantforge_eval_keys_a_file_by_its_content_not_where_it_is(tmp_path, ti
 
 # ------------------------------------------------------------------------------------------------ BOS
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "adds_bos"), [("mistral", True), ("qwen2", False)])
 def test_windows_begin_with_bos_only_when_the_tokenizer_adds_one(tmp_path, tiny_models, family, adds_bos):
     from transformers import AutoTokenizer
@@ -174,6 +177,7 @@ def test_two_builds_publishing_into_one_folder_at_once_both_succeed(tmp_path):
     assert sorted(p.name for p in repo.iterdir()) == ["README.md", "m-Q8_0.gguf", "quantforge.json"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_folder_publish_says_so_and_leaves_no_partial_file(tmp_path):
     files = _files(tmp_path, "a", big=3_000_000)
     with small_disk(tmp_path / "disk", "1m") as disk:
@@ -184,6 +188,7 @@ def test_a_full_disk_during_a_folder_publish_says_so_and_leaves_no_partial_file(
         assert left == []  # no hidden partial file, and no README.md without its files
 
 
+@pytest.mark.slow
 def test_a_json_write_on_a_full_disk_leaves_no_temp_file(tmp_path):
     with small_disk(tmp_path / "disk", "64k") as disk:
         fill(disk / "filler", 64 * 1024 - 8192)
@@ -192,6 +197,7 @@ def test_a_json_write_on_a_full_disk_leaves_no_temp_file(tmp_path):
         assert sorted(p.name for p in disk.iterdir()) == ["filler"]
 
 
+@pytest.mark.slow
 def test_plan_and_build_on_a_full_work_dir_give_one_line_and_no_traceback(tmp_path, tiny_models):
     source = tiny_models("llama")
     targets = tmp_path / "targets.yaml"
@@ -208,6 +214,7 @@ def test_plan_and_build_on_a_full_work_dir_give_one_line_and_no_traceback(tmp_pa
 
 # ------------------------------------------------------------------------------------------------ environment
 
+@pytest.mark.slow
 def test_push_while_a_build_holds_the_work_dir_says_it_is_in_use(tmp_path, tiny_models):
     source = tiny_models("llama")
     targets = tmp_path / "targets.yaml"
@@ -218,6 +225,7 @@ def test_push_while_a_build_holds_the_work_dir_says_it_is_in_use(tmp_path, tiny_
     assert proc.returncode == 1 and "in use" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_an_existing_local_folder_without_dot_slash_is_a_local_source(tmp_path, tiny_models):
     source = tiny_models("llama")
     link = tmp_path / "models" / "tiny"
@@ -229,6 +237,7 @@ def test_an_existing_local_folder_without_dot_slash_is_a_local_source(tmp_path, 
     assert proc.returncode == 2 and "nope.gguf" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_a_garbage_tokenizer_file_is_named(tmp_path, tiny_models):
     import shutil
 
@@ -322,6 +331,7 @@ def test_builds_killed_at_several_points_resume_and_never_publish_half_a_repo(tm
         shutil.rmtree(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_a_build_keeps_third_party_noise_off_the_console(tmp_path, tiny_models):
     targets = tmp_path / "targets.yaml"
     targets.write_text(TINY_TARGETS.format(source=tiny_models("llama"), types="Q8_0, Q4_0"))
@@ -333,6 +343,7 @@ def test_a_build_keeps_third_party_noise_off_the_console(tmp_path, tiny_models):
     assert noise == [], "\n".join(noise[:10])
 
 
+@pytest.mark.slow
 def test_the_gptq_shape_check_in_the_build_process_prints_nothing(tmp_path, tiny_models):
     """The one torch model the build process itself makes (on the meta device, for GPTQ/AWQ shape checks): what
     torch, transformers and torchao print while importing and building it goes to the step's log."""

@@ -231,6 +231,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_streamed_pass_fits_where_the_whole_model_does_not(tmp_path):
     """A 56M-parameter model (225 MB in fp32) under a 120 MB limit on what the process allocates once torch and
     transformers are imported: the whole-model pass is killed, the streamed one finishes with the same PPL

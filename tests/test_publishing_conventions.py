@@ -138,6 +138,7 @@ def test_a_declared_licence_wins_over_the_hub_source_card_and_the_hub_source_is_
     assert declared.data.base_model_relation == "quantized"
 
 
+@pytest.mark.slow
 def test_the_prompt_format_is_shown_rendered_beside_the_jinja(tmp_path, tiny_models):
     folder = tmp_path / "tok"
     folder.mkdir()
@@ -240,6 +241,7 @@ def test_validate_warns_of_repos_without_a_model_tree_or_licence(write_targets, 
         assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_declaring_a_licence_changes_only_the_quantized_files_and_what_follows(write_targets, tmp_path, tiny_models):
     source = tiny_models("llama")
 

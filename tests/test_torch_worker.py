@@ -38,6 +38,7 @@ def run_both(model_dir: Path, windows_file: Path, log: Path, path: str, monkeypa
     return ref, imatrix
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_both_paths_give_the_in_process_figures(tmp_path, log, family, monkeypatch):
     model_dir = make_model(tmp_path / "model", family, layers=3)
@@ -66,6 +67,7 @@ def test_both_paths_give_the_in_process_figures(tmp_path, log, family, monkeypat
     assert "quantforge: streamed pass on cpu in float32" in text and "peak RSS" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["whole-model", "streamed"])
 def test_missing_tensor_fails_the_step_naming_it(tmp_path, log, path, monkeypatch):
     model_dir = make_model(tmp_path / "model", "llama")

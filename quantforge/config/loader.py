@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model
 
 from ..errors import ConfigError, ConfigIssue
 from .schema import MAX_NAME, Formats, FormatSettings, ModelSettings, ModelTarget, Targets, format_settings
@@ -47,8 +47,11 @@ def schema_for(formats: tuple[tuple[str, type[FormatSettings]], ...]) -> tuple[t
     """ModelSettings and ModelTarget with a `formats` block that has one optional field per format."""
     fields: dict[str, Any] = {name: (model | None, None) for name, model in formats}
     formats_model = create_model("Formats", __base__=Formats, **fields)
-    settings = create_model("ModelSettings", __base__=ModelSettings, formats=(formats_model, formats_model()))
-    target = create_model("ModelTarget", __base__=ModelTarget, formats=(formats_model, formats_model()))
+    described = ModelSettings.model_fields["formats"].description  # the JSON Schema and docs show it
+    settings = create_model("ModelSettings", __base__=ModelSettings,
+                            formats=(formats_model, Field(formats_model(), description=described)))
+    target = create_model("ModelTarget", __base__=ModelTarget,
+                          formats=(formats_model, Field(formats_model(), description=described)))
     return settings, target
 
 

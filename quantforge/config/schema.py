@@ -56,7 +56,10 @@ def _no_control(value: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML gives numbers and booleans their own types, so a quoted "512" or a `true` where a number
+    # belongs is a mistake to name, not to convert (lax mode read `max_kld: {gguf: true}` as a limit of 1.0);
+    # the JSON Schema (`quantforge schema`) then says exactly what the loader accepts
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 def _text_source(value: str) -> str:
@@ -104,12 +107,14 @@ class CalibratedSettings(FormatSettings):
     """What formats calibrated on text share (GPTQ, AWQ): bit width, groups, and their own calibration text."""
 
     bits: int = 4
-    # columns that share one scale; -1 = one group per row. Must divide every quantized layer's input size.
-    group_size: int = 128
-    # unset: the model's `calibration` settings
-    samples: int | None = Field(None, ge=1, le=100000)
-    seq_len: int | None = Field(None, ge=16, le=32768)
-    dataset: TextSpec | None = None
+    group_size: int = Field(128, description="Columns that share one scale; -1: one group per row. Must divide "
+                            "every quantized layer's input size (checked before anything heavy runs).")
+    samples: int | None = Field(None, ge=1, le=100000, description="Calibration windows for this format "
+                                "(unset: the model's `calibration.samples`).")
+    seq_len: int | None = Field(None, ge=16, le=32768, description="Tokens per calibration window for this format "
+                                "(unset: `calibration.seq_len`).")
+    dataset: TextSpec | None = Field(None, description="The calibration text for this format (unset: "
+                                     "`calibration.dataset`); the same forms as `evaluation.dataset`.")
 
     @field_validator("group_size")
     @classmethod
@@ -126,9 +131,11 @@ class CalibratedSettings(FormatSettings):
 class CalibrationSettings(_Strict):
     """`calibration`: the text GPTQ, AWQ and the GGUF importance matrix are calibrated on."""
 
-    dataset: TextSpec = "builtin"
-    samples: int = Field(128, ge=1, le=100000)
-    seq_len: int = Field(512, ge=16, le=32768)
+    dataset: TextSpec = Field("builtin", description="The same forms as `evaluation.dataset`. Windows are cut from "
+                              "the end of the text, so that with the evaluation's text they do not overlap its windows "
+                              "(taken from its start).")
+    samples: int = Field(128, ge=1, le=100000, description="Windows.")
+    seq_len: int = Field(512, ge=16, le=32768, description="Tokens per window.")
 
 
 class Formats(_Strict):
@@ -144,12 +151,16 @@ class Formats(_Strict):
 class PublishTarget(_Strict):
     """`publish`: where finished, verified artifacts go."""
 
-    to: str = "dir:./dist"  # hub | dir:PATH
-    namespace: str = "local"
-    private: bool = False
-    repo: str = "{model}-{FORMAT}"
-    # larger GGUF files are published as llama.cpp split shards (the Hub refuses files over 50 GB)
-    max_file_size: str | int = "48GB"
+    to: str = Field("dir:./dist", description="`hub`, or `dir:PATH`: a folder laid out like Hub repos, "
+                    "PATH/<namespace>/<repo>/ (relative to the targets file).")
+    namespace: str = Field("local", description="The Hub user or organization: the first part of each repo id.")
+    private: bool = Field(False, description="Create new Hub repos as private.")
+    repo: str = Field("{model}-{FORMAT}", description="Each repo's name; placeholders {model} {format} {FORMAT} "
+                      "(e.g. my-org/Qwen2.5-7B-Instruct-GGUF).")
+    # the Hub refuses files over 50 GB
+    max_file_size: str | int = Field("48GB", description="Larger GGUF files are published as llama.cpp split shards "
+                                     "(…-00001-of-00003.gguf), which llama.cpp, Ollama and LM Studio load from the "
+                                     "first: a size such as 48GB, 500MB or 2GiB (or a number of bytes), at least 1MB.")
 
     @field_validator("max_file_size", mode="before")
     @classmethod
@@ -202,13 +213,20 @@ class PublishTarget(_Strict):
 class EvaluationSettings(_Strict):
     """`evaluation`: the perplexity / KL smoke test against the source model, and its gates."""
 
-    dataset: TextSpec = "builtin"
-    ctx: int = Field(512, ge=16, le=32768)
-    chunks: int = Field(32, ge=1, le=100000)
+    dataset: TextSpec = Field("builtin", description="The text: `builtin` (Python's documentation topics, offline), "
+                              "`file:a.txt[,b.txt]` (relative to the targets file) or `hf:REPO:CONFIG:SPLIT:COLUMN` "
+                              "(a dataset on the Hub). Windows are cut from its start.")
+    ctx: int = Field(512, ge=16, le=32768, description="Tokens per window (even); the second half of each is scored.")
+    chunks: int = Field(32, ge=1, le=100000, description="Windows.")
     # gates: keys are a format ("gguf") or a format and type ("gguf/Q4_K_M"); the most specific wins
-    max_ppl_increase: dict[str, float] = Field(default_factory=dict)
-    max_kld: dict[str, float] = Field(default_factory=dict)
-    tokenizer_check: bool = True
+    max_ppl_increase: dict[str, float] = Field(
+        {}, description="Gates: the largest perplexity increase relative to the source's on the "
+        "same windows (0.10 = +10%), by format (`gguf`) or format and type (`gguf/Q4_K_M`); the most specific "
+        "key wins. Unset: a default per GGUF type (F16 0.5%, Q8_0 2%, Q6_K 4%, Q5_* 8%, Q4_K_* 15%, Q4_0 25%, …) "
+        "and, for GPTQ and AWQ, which take no type, by bits (8-bit 2%, 4-bit 12%, 3-bit 35%).")
+    max_kld: dict[str, float] = Field({}, description="Gates on the mean KL divergence from the "
+                                      "source, keyed like `max_ppl_increase`, e.g. {gguf/Q8_0: 0.01}; none by default.")
+    tokenizer_check: bool = Field(True, description="The artifact must tokenize the text like the source.")
 
     @field_validator("ctx")
     @classmethod
@@ -244,16 +262,20 @@ class EvaluationSettings(_Strict):
 class ModelSettings(_Strict):
     """Everything a model may inherit from `defaults`."""
 
-    revision: str = "main"
-    trust_remote_code: bool = False
-    allow_patterns: list[Annotated[str, Field(min_length=1)]] | None = None
-    formats: Formats = Formats()
+    revision: str = Field("main", description="A Hub source's branch, tag or commit; resolved to a commit sha at "
+                          "plan time and recorded.")
+    trust_remote_code: bool = Field(False, description="Also download the repo's *.py files, and let transformers "
+                                    "run them.")
+    allow_patterns: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="The files downloaded from a Hub source (unset: *.safetensors *.json tokenizer.model "
+        "*.tiktoken *.txt *.jinja README.md LICENSE*).")
+    formats: Formats = Field(Formats(), description="What to build: one entry per format.")
     publish: PublishTarget = PublishTarget()
     evaluation: EvaluationSettings = EvaluationSettings()
     calibration: CalibrationSettings = CalibrationSettings()
-    # the GitHub Actions runner of this model's nightly leg (`plan --github-matrix`): a label, or a list of labels
-    # a runner must have all of ([self-hosted, gpu])
-    runner: str | list[str] = "ubuntu-latest"
+    runner: str | list[str] = Field("ubuntu-latest", description="The GitHub Actions runner of this model's nightly "
+                                    "leg (`plan --github-matrix`): a label, or a list of labels a runner must have "
+                                    "all of, e.g. [self-hosted, gpu].")
 
     @field_validator("runner")
     @classmethod
@@ -264,10 +286,13 @@ class ModelSettings(_Strict):
             raise ValueError("expected a runner label such as ubuntu-latest, or a list such as [self-hosted, gpu]")
         return value
 
-    # the Hub licence id the model's repos declare (unset: the source card's); `other` takes a name and a link
-    license: Annotated[str, AfterValidator(check_license)] | None = None
-    license_name: Annotated[str, AfterValidator(check_license_name)] | None = None
-    license_link: Annotated[str, AfterValidator(check_license_link)] | None = None
+    license: Annotated[str, AfterValidator(check_license)] | None = Field(
+        None, description="The Hub licence id the model's repos declare (apache-2.0, llama3.1, …; unset: the source "
+        "card's); `other` takes `license_name` and `license_link`. `validate` warns when a repo would have none.")
+    license_name: Annotated[str, AfterValidator(check_license_name)] | None = Field(
+        None, description="With `license: other`: the licence's name.")
+    license_link: Annotated[str, AfterValidator(check_license_link)] | None = Field(
+        None, description="With `license: other`: a link to the licence's text.")
 
     @model_validator(mode="after")
     def _licence(self) -> ModelSettings:
@@ -295,11 +320,13 @@ class ModelSettings(_Strict):
 class ModelTarget(ModelSettings):
     """One entry of `models`."""
 
-    name: str
-    source: str
-    # the Hub repo the source is a copy of: its repos' model tree (unset: a Hub source is its own). Not a default:
-    # one base model for every model would be wrong for all but one
-    base_model: str | None = None
+    name: str = Field(description="Names folders, files (NAME-Q4_K_M.gguf) and repos: letters, digits, '.', '_' "
+                      "and '-', at most 96 characters.")
+    source: str = Field(description="A Hub repo id (org/name), or a local folder: ./path, ../path, /path or ~/path "
+                        "(relative to the targets file; an existing folder is local without ./ too).")
+    # Not a default: one base model for every model would be wrong for all but one
+    base_model: str | None = Field(None, description="The Hub repo the source is a copy of: the cards' model tree "
+                                   "(unset: a Hub source is its own). Per model, not in defaults.")
 
     @field_validator("base_model")
     @classmethod

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from ..config.schema import CalibratedSettings
 from ..core.formats import register_format
@@ -18,8 +18,8 @@ class AWQSettings(CalibratedSettings):
 
     format_name = "awq"
 
-    bits: Literal[4] = 4  # the GEMM kernels are 4-bit only
-    zero_point: bool = True
+    bits: Literal[4] = Field(4, description="Bits per weight: the GEMM kernels are 4-bit only.")
+    zero_point: bool = Field(True, description="Asymmetric quantization with zero points.")
 
     @field_validator("group_size")
     @classmethod

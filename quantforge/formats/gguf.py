@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator, model_validator
 
 from ..card import public_text_name, release_info
 from ..config.schema import FormatSettings, ModelTarget
@@ -55,7 +55,15 @@ def _upper(value: Any) -> Any:
     return value.upper() if isinstance(value, str) else value
 
 
-GGUFType = Annotated[Literal[tuple(GGUF_TYPES)], BeforeValidator(_upper)]  # type: ignore[valid-type]
+def _caseless(name: str) -> str:
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in name)
+
+
+# The JSON Schema (`quantforge schema`) offers the names for completion and accepts any case, as the validator does.
+_TYPE_JSON_SCHEMA = {"anyOf": [{"enum": list(GGUF_TYPES)},
+                               {"type": "string", "pattern": f"^({'|'.join(map(_caseless, GGUF_TYPES))})$"}]}
+GGUFType = Annotated[Literal[tuple(GGUF_TYPES)], BeforeValidator(_upper),  # type: ignore[valid-type]
+                     WithJsonSchema(_TYPE_JSON_SCHEMA)]
 
 
 class GGUFSettings(FormatSettings):
@@ -63,10 +71,15 @@ class GGUFSettings(FormatSettings):
 
     format_name = "gguf"
 
-    types: list[GGUFType] = Field(default_factory=lambda: ["Q4_K_M", "Q8_0"], min_length=1)
-    intermediate: Literal[INTERMEDIATE_TYPES] = "auto"  # type: ignore[valid-type]
-    # an importance matrix from the model-level `calibration` text weights the quantization error per column
-    imatrix: bool = False
+    types: list[GGUFType] = Field(["Q4_K_M", "Q8_0"], min_length=1,
+                                  description="The llama.cpp types to make, one file each (case-insensitive). "
+                                  f"{', '.join(NEEDS_IMATRIX)} need `imatrix: true`.")
+    intermediate: Literal[INTERMEDIATE_TYPES] = Field(  # type: ignore[valid-type]
+        "auto", description="What the converter writes, the full-precision file every type is quantized from "
+        "(auto: the highest-fidelity 16-bit type for the source's dtype).")
+    imatrix: bool = Field(False, description="Weigh each type's quantization errors by an importance matrix computed "
+                          "from the model's `calibration` text (one matrix serves every type; "
+                          f"{', '.join(IMATRIX_UNUSED)} take none).")
 
     @field_validator("types")
     @classmethod

@@ -19,10 +19,12 @@ class GPTQSettings(CalibratedSettings):
 
     format_name = "gptq"
 
-    bits: Literal[2, 3, 4, 8] = 4
-    desc_act: bool = False
-    sym: bool = True
-    damp: float = Field(0.01, gt=0, lt=1)  # dampening added to the Hessian diagonal, as a fraction of its mean
+    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight.")
+    desc_act: bool = Field(False, description="Quantize columns in order of activation (slower kernels in some "
+                           "runtimes); false keeps the groups in column order.")
+    sym: bool = Field(True, description="Symmetric quantization (no zero points).")
+    damp: float = Field(0.01, gt=0, lt=1, description="Dampening added to the Hessian's diagonal, as a fraction of "
+                        "its mean.")
 
     def gptqmodel_config(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, "desc_act": self.desc_act, "sym": self.sym,
