@@ -80,6 +80,7 @@ def test_changed_artifact_makes_one_commit_uploading_only_it(hub, repo_files):
 def test_transient_failures_are_retried(hub, repo_files, method, fragment, action):
     hub.fail(method, fragment, action, times=2)
     result = publisher(hub).publish("acme/m-GGUF", repo_files(), private=False, message="one")
+    assert hub.faults == [[method, fragment, action, 0]]  # both injected failures were served, then retried
     assert result.commit and len(hub.repos["acme/m-GGUF"].commits) == 1
     assert len(hub.repos["acme/m-GGUF"].files) == 4
 
