@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import threading
@@ -177,11 +178,17 @@ def test_two_builds_publishing_into_one_folder_at_once_both_succeed(tmp_path):
 def test_a_full_disk_during_a_folder_publish_says_so_and_leaves_no_partial_file(tmp_path):
     files = _files(tmp_path, "a", big=3_000_000)
     with small_disk(tmp_path / "disk", "1m") as disk:
-        with pytest.raises(DiskFull, match=r"no space left on device .*need about"):
+        with pytest.raises(DiskFull) as info:
             LocalDirPublisher(disk).publish("acme/m-GGUF", files, private=False, message="m")
         repo = disk / "acme" / "m-GGUF"
         left = sorted(p.name for p in repo.iterdir()) if repo.exists() else []
         assert left == []  # no hidden partial file, and no README.md without its files
+        # the whole line: where, how much the three files take (3,002,017 bytes), and what is free without the
+        # partial copy (about the whole 1 MiB disk)
+        free = shutil.disk_usage(disk).free
+        assert 1_000_000 <= free <= 1 << 20
+        assert str(info.value) == (f"publishing acme/m-GGUF: no space left on device tmpfs ({repo}): need about "
+                                   f"3 MB, 1 MB free on {disk}")
 
 
 def test_a_json_write_on_a_full_disk_leaves_no_temp_file(tmp_path):
