@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -153,26 +153,31 @@ def test_a_published_file_edited_in_place_cannot_touch_the_cache(tmp_path):
     assert again.uploaded == ["m-Q8_0.gguf"] and sha256_file(published) == sha
 
 
+def _publish_in_a_process(root: Path, files: dict, tag: str, barrier) -> None:
+    barrier.wait()  # every process starts copying at the same moment
+    LocalDirPublisher(root).publish("acme/m-GGUF", files, private=False, message=tag)
+
+
 def test_two_builds_publishing_into_one_folder_at_once_both_succeed(tmp_path):
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
+    """Four processes (as four builds are: their own pids, no shared memory) publish one repo at once."""
+    import multiprocessing
 
-    def publish(tag: str) -> None:
-        files = _files(tmp_path, tag, big=2_000_000)
-        try:
-            barrier.wait()
-            LocalDirPublisher(tmp_path / "out").publish("acme/m-GGUF", files, private=False, message=tag)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=publish, args=(t,)) for t in "abcd"]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(4)
+    sources = {tag: _files(tmp_path, tag, big=2_000_000) for tag in "abcd"}
+    procs = [context.Process(target=_publish_in_a_process, args=(tmp_path / "out", sources[tag], tag, barrier))
+             for tag in "abcd"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert len({p.pid for p in procs} | {os.getpid()}) == 5
     repo = tmp_path / "out" / "acme" / "m-GGUF"
     assert sorted(p.name for p in repo.iterdir()) == ["README.md", "m-Q8_0.gguf", "quantforge.json"]
+    # every file is one build's whole copy, never a mix or a cut
+    for name in ("README.md", "m-Q8_0.gguf"):
+        assert sha256_file(repo / name) in {files[name][1] for files in sources.values()}
 
 
 def test_a_full_disk_during_a_folder_publish_says_so_and_leaves_no_partial_file(tmp_path):
