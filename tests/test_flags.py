@@ -10,11 +10,13 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from hub_server import HubServer
 from tiny_models import fake_checkpoint
 
@@ -123,3 +125,86 @@ def test_doctor_on_this_machine():
     assert info["hub uploads"].startswith("LFS (the protocol quantforge is tested with")
     text = quantforge("doctor")
     assert text.returncode == 0 and re.search(r"^hub uploads +LFS \(", text.stdout, re.M)
+
+
+# ------------------------------------------------------------------------------------------------ builds
+
+TINY = """
+defaults:
+  publish: {{to: 'dir:./out', namespace: t}}
+  formats: {{gguf: {{types: [Q8_0]}}}}
+  evaluation: {{ctx: 64, chunks: 2, max_ppl_increase: {{gguf: 1000}}, tokenizer_check: {check}}}
+models:
+  - {{name: m, source: {source}}}
+"""
+
+
+@pytest.mark.slow
+def test_threads_a_llama_cpp_folder_no_memory_check_and_evict_from_the_environment(tmp_path, tiny_models, converter,
+                                                                                  monkeypatch):
+    from typer.testing import CliRunner
+
+    from quantforge import cli
+    from quantforge.steps import memory
+    from quantforge.toolchains.memory import HostMemory
+
+    checkout = tmp_path / "my-llama.cpp"  # a copy of the converter, not a git checkout: known by its files
+    shutil.copytree(converter.root, checkout)
+    (tmp_path / "targets.yaml").write_text(TINY.format(source=tiny_models("llama"), check="false"))
+    monkeypatch.setattr(memory, "host_memory", lambda: HostMemory(8 * 10**9, 200 * 10**6, None))  # too little
+    args = ["build", str(tmp_path / "targets.yaml"), "--work-dir", str(tmp_path / "work"), "--threads", "1",
+            "--llama-cpp", str(checkout)]
+    refused = CliRunner().invoke(cli.app, args)
+    assert refused.exit_code == 1 and "refusing to start" in refused.output and "200 MB available" in refused.output
+    monkeypatch.setenv("QUANTFORGE_EVICT", "1")
+    result = CliRunner().invoke(cli.app, [*args, "--no-memory-check", "--json"])
+    assert result.exit_code == 0, result.output[-3000:]
+    steps = {s["label"]: s for s in json.loads(result.stdout)["steps"]}
+    # --llama-cpp: that folder's converter ran, and is named by its files' content in the key and the record
+    convert = steps["m/gguf:convert"]
+    assert re.fullmatch(r"checkout:files-[0-9a-f]{16}", convert["data"]["converter"])
+    assert f"{checkout}/convert_hf_to_gguf.py " in Path(convert["log"]).read_text()
+    # --threads: llama.cpp's contexts ran on one thread, one token at a time and in batches
+    assert steps["m/gguf/Q8_0:verify"]["data"]["threads"] == [1, 1]
+    assert steps["m/gguf/Q8_0:evaluate"]["data"]["threads"] == [1, 1]
+    # QUANTFORGE_EVICT=1: the intermediate and the published artifact are gone from the work dir, their records kept
+    work = tmp_path / "work" / "steps"
+    assert not list(work.glob("gguf.convert/*/intermediate.gguf")) and not list(work.glob("gguf.quantize/*/*.gguf"))
+    assert (tmp_path / "out" / "t" / "m-GGUF" / "m-Q8_0.gguf").is_file()
+
+
+@pytest.mark.slow
+def test_no_gate_publishes_what_misses_its_gate_and_records_it(tmp_path, tiny_models):
+    # the tiny Mistral's GGUF tokenizes "café" otherwise than its HF tokenizer (tests/test_gguf.py): a gate it misses
+    (tmp_path / "targets.yaml").write_text(TINY.format(source=tiny_models("mistral"), check="true"))
+    build = ["build", "targets.yaml", "--work-dir", "work"]
+    gated = quantforge(*build, cwd=tmp_path)
+    assert gated.returncode == 1 and "gate gguf/Q8_0 failed: tokenizer differs from the source's" in gated.stderr
+    assert not (tmp_path / "out").exists()
+    ungated = quantforge(*build, "--no-gate", cwd=tmp_path)
+    assert ungated.returncode == 0, ungated.stderr[-2000:]
+    assert "not enforced (would fail)" in ungated.stderr and "published t/m-GGUF" in ungated.stderr
+    repo = tmp_path / "out" / "t" / "m-GGUF"
+    assert (repo / "m-Q8_0.gguf").is_file()
+    gate = json.loads((repo / "quantforge.json").read_text())["artifacts"]["Q8_0"]["check"]["gate"]
+    assert gate["enforced"] is False and gate["passed"] is False
+    assert [p.split(":")[0] for p in gate["problems"]] == ["tokenizer differs from the source's"]
+    report = json.loads((tmp_path / "work" / "reports" / "latest.json").read_text())
+    ran = {s["label"] for s in report["steps"] if s["status"] == "built"}
+    assert ran == {"m/gguf/Q8_0:gate", "m/gguf:publish"}  # the measurement was reused, only the gate moved
+
+
+@pytest.mark.slow
+def test_an_architecture_the_converter_does_not_know_is_one_line(tmp_path, converter, tiny_models):
+    from quantforge.errors import ConversionError
+    from quantforge.toolchains.llamacpp import convert
+
+    source = tmp_path / "odd"
+    shutil.copytree(tiny_models("llama"), source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
+    with pytest.raises(ConversionError) as info:
+        convert(converter, source, tmp_path / "out.gguf", "f16", tmp_path / "convert.log", "odd")
+    assert str(info.value) == "odd: llama.cpp's converter does not support architecture NoSuchForCausalLM"
+    assert info.value.hint == "a newer llama.cpp may (--llama-cpp DIR pointing at a recent checkout)"
+    assert not (tmp_path / "out.gguf").exists()
