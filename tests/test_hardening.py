@@ -306,30 +306,34 @@ def test_builds_killed_at_several_points_resume_and_never_publish_half_a_repo(tm
     targets.write_text(TINY_TARGETS.format(source=tiny_models("llama"), types="Q8_0"))
     work, repo = tmp_path / "work", tmp_path / "out" / "t" / "t-GGUF"
     command = [sys.executable, "-m", "quantforge.cli", "build", str(targets), "--work-dir", str(work), "--json"]
+    planned = subprocess.run([sys.executable, "-m", "quantforge.cli", "plan", str(targets), "--json", "--work-dir",
+                              str(work)], capture_output=True, text=True)
+    assert planned.returncode == 0, planned.stderr
+    keys = {s["label"]: s["key"] for s in json.loads(planned.stdout)["steps"]}
     # kill points: while converting, while quantizing or evaluating, and once the publish folder exists
     points = [lambda: any((work / "tmp").glob("gguf.convert-*")),
               lambda: any((work / "steps").glob("gguf.quantize/*/manifest.json")),
               lambda: repo.exists()]
-    for reached in points:
+    for point, reached in enumerate(points):
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
         while proc.poll() is None and not reached() and time.monotonic() < deadline:
-            time.sleep(0.02)
+            time.sleep(0.005)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL, f"kill point {point} was not reached before the build ended"
         _repo_is_whole(repo)
         finished = {p.parent.name for p in (work / "steps").glob("*/*/manifest.json")}
+        assert set(keys.values()) - finished, f"kill point {point}: nothing was left to do"
         rerun = subprocess.run(command, capture_output=True, text=True)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
-        report = strict_json(rerun.stdout)
-        statuses = {s["key"]: s["status"] for s in report["steps"]}
-        # every step finished before the kill is reused, not rebuilt
-        assert all(statuses.get(key, "reused") in ("reused", "not-needed") for key in finished)
+        statuses = {s["label"]: s["status"] for s in strict_json(rerun.stdout)["steps"]}
+        assert set(statuses) == set(keys)  # every step is accounted for, none missing
+        # every step finished before the kill is reused, every other one built now
+        for label, key in keys.items():
+            assert statuses[label] == ("reused" if key in finished else "built"), (point, label, statuses[label])
         _repo_is_whole(repo)
         assert (repo / "README.md").is_file()
-        import shutil
-
         shutil.rmtree(work)
         shutil.rmtree(tmp_path / "out")
 
