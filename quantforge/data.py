@@ -127,14 +127,19 @@ def cut_windows(ids: list[int], ctx: int, chunks: int, bos_id: int | None) -> np
     return windows
 
 
-def cut_calibration(ids: list[int], seq_len: int, samples: int, bos_id: int | None) -> tuple[np.ndarray, int]:
+def cut_calibration(ids: list[int], seq_len: int, samples: int, bos_id: int | None, *,
+                    after: int = 0) -> tuple[np.ndarray, int]:
     """`samples` windows of `seq_len` tokens for calibration, taken from the *end* of the text, so that with the
-    same text for both they do not overlap the evaluation windows (taken from the start) unless the text is too
-    short. Returns the windows and the index of the first token used."""
+    same text for both they do not overlap the evaluation windows (taken from the start). `after`: the tokens the
+    evaluation windows take when the text is the same; a text too short to leave them alone is refused, since a
+    model calibrated on the windows it is scored on would look better than it is. Returns the windows and the
+    index of the first token used."""
     needed = seq_len * samples
-    if len(ids) < needed:
+    if len(ids) < needed + after:
+        what = (f"{needed} after the {after} the evaluation windows take (ctx x chunks): lower samples or chunks, "
+                "add text, or calibrate on another text") if after else f"{needed}: lower samples or add text"
         raise BadInputError(f"calibration text has {len(ids)} tokens; samples {samples} x seq_len {seq_len} needs "
-                            f"{needed}: lower samples or add text")
+                            + what)
     first = len(ids) - needed
     windows = np.asarray(ids[first:], dtype=np.int32).reshape(samples, seq_len)
     if bos_id is not None:

@@ -17,10 +17,11 @@ from .errors import ToolchainError
 from .figures import format_size
 from .toolchains import llamacpp
 from .toolchains.device import nvidia_driver_present
+from .toolchains.hub_protocol import upload_protocol
 from .toolchains.memory import host_memory
 
-_PACKAGES = ("llama-cpp-python", "torch", "transformers", "gptqmodel", "optimum", "huggingface_hub", "gguf",
-             "safetensors", "sentencepiece", "psutil")
+_PACKAGES = ("llama-cpp-python", "torch", "transformers", "gptqmodel", "optimum", "huggingface_hub", "hf_xet",
+             "gguf", "safetensors", "sentencepiece", "psutil")
 # libllama in its own process: a broken build must not take doctor down with it
 _LIBLLAMA_PROBE = ("import json, llama_cpp; print(json.dumps({'system': llama_cpp.llama_print_system_info().decode()"
                    ".strip(), 'gpu_offload': bool(llama_cpp.llama_supports_gpu_offload())}))")
@@ -54,6 +55,7 @@ def collect(llama_cpp_dir: str | None = None) -> dict[str, Any]:
     memory = host_memory()
     info["memory"] = f"{format_size(memory.total)} RAM, {memory.describe()}"
     info.update(gpu_report(libllama.get("gpu_offload")))
+    info["hub uploads"] = upload_protocol()
     info["problems"] = "; ".join(problems) or "none"
     return info
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiskFull, WorkDirLocked
+from .figures import format_size
 
 MANIFEST = "manifest.json"
 # what an evicted output leaves behind: its manifest under another name (never a cache hit), for the steps that
@@ -76,9 +77,8 @@ def disk_full(path: Path, need_bytes: int, what: str = "") -> DiskFull:
         free = shutil.disk_usage(mount).free
     except OSError:
         free = 0
-    need = max(need_bytes, 1)
     return DiskFull(f"{what + ': ' if what else ''}no space left on device {device} ({path}): need about "
-                    f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB free on {mount}")
+                    f"{format_size(max(need_bytes, 1))}, {format_size(free)} free on {mount}")
 
 
 def finite_json(value: Any) -> Any:

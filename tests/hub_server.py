@@ -134,7 +134,11 @@ class HubServer:
 
             def _route(self):
                 server.requests.append((self.command, urlparse(self.path).path, self.headers.get("Authorization")))
-                if server.accept_token and self.headers.get("Authorization") != f"Bearer {server.accept_token}":
+                # an LFS upload goes where the batch answer said, authorized by that answer (the Hub's are presigned
+                # storage URLs), not by the Hub token
+                upload = urlparse(self.path).path.startswith("/lfs-upload/")
+                if server.accept_token and not upload and \
+                        self.headers.get("Authorization") != f"Bearer {server.accept_token}":
                     self._body()
                     return self._send(401, {"error": "Invalid credentials in Authorization header"})
                 if self._fault():
@@ -145,6 +149,11 @@ class HubServer:
                     return self._create(json.loads(self._body()))
                 if path == "/api/agent-harnesses":  # huggingface_hub's own registry, fetched once a day
                     return self._send(200, {"standardEnvVars": [], "harnesses": {}})
+                if path == "/api/whoami-v2" and self.command == "GET":  # `hf auth login` checks its token here
+                    if not self.headers.get("Authorization"):
+                        return self._send(401, {"error": "Invalid credentials in Authorization header"})
+                    return self._send(200, {"type": "user", "name": "tester",
+                                            "auth": {"accessToken": {"displayName": "test", "role": "write"}}})
                 if self.command == "POST" and path == "/api/validate-yaml":  # README front matter check
                     self._body()
                     return self._send(200, {"errors": [], "warnings": []})

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantforge.errors import IncompatibleShapes
+from quantforge.data import cut_calibration
+from quantforge.errors import BadInputError, IncompatibleShapes
 from quantforge.toolchains.gguf_header import read_header
 from quantforge.toolchains.gptqmodel import check_shapes
 from quantforge.toolchains.worker import _report_latest
@@ -156,6 +157,32 @@ def test_imatrix_is_computed_once_mapped_to_every_tensor_and_changes_the_quantiz
 
 
 @pytest.mark.slow
+@pytest.mark.noisy
+def test_an_importance_matrix_lowers_the_kld_of_q4_k_m_on_windows_it_was_not_computed_from(tmp_path,
+                                                                                          smollm2_checkpoint):
+    """The demo model (SmolLM2-135M-Instruct), Q4_K_M with and without a matrix from 32 x 512 calibration tokens cut
+    from the end of the builtin text, both scored on 16 x 512 evaluation windows from its start. (Measured: KLD
+    0.0247 with the matrix, 0.0461 without; ΔPPL +3.8% and +8.3%.)"""
+    (tmp_path / "targets.yaml").write_text(
+        "defaults:\n  publish: {to: 'dir:./out', namespace: t}\n  calibration: {samples: 32, seq_len: 512}\n"
+        "  evaluation: {ctx: 512, chunks: 16, max_ppl_increase: {gguf: 0.5}}\n"
+        f"models:\n  - {{name: weighted, source: {smollm2_checkpoint}, formats: {{gguf: {{types: [Q4_K_M], "
+        "imatrix: true}}}\n"
+        f"  - {{name: plain, source: {smollm2_checkpoint}, formats: {{gguf: {{types: [Q4_K_M]}}}}}}\n")
+    proc = quantforge("build", str(tmp_path / "targets.yaml"), "--work-dir", str(tmp_path / "work"), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = {s["label"]: s for s in json.loads(proc.stdout)["steps"]}
+    # the matrix's tokens and the scored ones are apart in the one text: calibration starts after the evaluation ends
+    calibration, tokens = steps["weighted:calibration"]["data"], steps["weighted:eval-tokens"]["data"]
+    assert calibration["text_tokens"] == tokens["text_tokens"] and calibration["first_token"] >= 16 * 512
+    assert steps["weighted/gguf/Q4_K_M:quantize"]["data"]["imatrix"]["tensors"] == 7 * 30  # every layer's matrices
+    weighted = steps["weighted/gguf/Q4_K_M:evaluate"]["data"]
+    plain = steps["plain/gguf/Q4_K_M:evaluate"]["data"]
+    assert weighted["tokens_scored"] == plain["tokens_scored"] == 16 * 255
+    assert weighted["kld_mean"] < plain["kld_mean"], (weighted["kld_mean"], plain["kld_mean"])
+
+
+@pytest.mark.slow
 def test_bad_group_size_fails_that_target_with_the_layer_and_the_sizes_that_work(tmp_path, tiny_models):
     source = tiny_models("llama")  # hidden 64: k/v projections have 32 outputs
     (tmp_path / "t.yaml").write_text(
@@ -207,3 +234,109 @@ def test_progress_comes_from_the_newest_matching_line(tmp_path):
         f.write("9\n")
     assert _report_latest(log, offset, watched, seen.append) == len(log.read_bytes())
     assert seen == ["window 1/8", "layer 5/30"]
+
+
+# ------------------------------------------------------------------------------------- calibration windows
+
+def test_calibration_takes_the_last_ids_and_refuses_a_text_too_short():
+    ids = list(range(100, 150))  # 50 ids
+    windows, first = cut_calibration(ids, seq_len=8, samples=3, bos_id=None)
+    assert first == 26 and windows.tolist() == [ids[26:34], ids[34:42], ids[42:50]]
+    with_bos, _ = cut_calibration(ids, seq_len=8, samples=3, bos_id=1)  # the tokenizer adds one: it leads each
+    assert with_bos.tolist() == [[1, *ids[27:34]], [1, *ids[35:42]], [1, *ids[43:50]]]
+    with pytest.raises(BadInputError, match=r"^calibration text has 50 tokens; samples 7 x seq_len 8 needs 56: "
+                                            r"lower samples or add text$"):
+        cut_calibration(ids, seq_len=8, samples=7, bos_id=None)
+    # the evaluation's windows take the first 24: 24 + 3 x 8 fit in 50, 30 + 3 x 8 do not
+    assert cut_calibration(ids, seq_len=8, samples=3, bos_id=None, after=24)[1] == 26
+    with pytest.raises(BadInputError, match=r"needs 24 after the 30 the evaluation windows take \(ctx x chunks\): "
+                                            r"lower samples or chunks, add text, or calibrate on another text"):
+        cut_calibration(ids, seq_len=8, samples=3, bos_id=None, after=30)
+
+
+def _tokenizer_source(dest: Path) -> Path:
+    """A checkpoint folder with a BPE tokenizer that adds BOS (as Llama's does), trained here; nothing builds it."""
+    from tiny_models import fake_checkpoint
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    fake_checkpoint(dest)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([_line(i) for i in range(0, 3000, 7)], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(dest)
+    return dest
+
+
+def _line(i: int) -> str:
+    return f"entry {i:05d} says {'abcdefghij'[i % 10]}{'klmnop'[i % 6]} to {i * 7 % 1000:03d}.\n"
+
+
+def _windows(tmp_path: Path, lines: int, name: str) -> dict:
+    """The evaluation and calibration steps of a plan whose one text serves both, run: their windows and results."""
+    from quantforge.console import PlainReporter
+    from quantforge.core.engine import run_plan
+    from quantforge.core.plan import Plan, topological
+    from quantforge.core.step import BuildOptions, PlanContext
+    from quantforge.pipeline import build_plan, load_targets
+    from quantforge.store import WorkDir
+
+    root = tmp_path / name
+    root.mkdir()
+    (root / "text.txt").write_text("".join(_line(i) for i in range(lines)))
+    (root / "targets.yaml").write_text(
+        "defaults:\n  publish: {to: 'dir:./out'}\n  evaluation: {dataset: 'file:text.txt', ctx: 32, chunks: 4}\n"
+        "  calibration: {dataset: 'file:./text.txt', samples: 3, seq_len: 32}\n"
+        f"models:\n  - {{name: m, source: {tmp_path / 'src'}, "
+        "formats: {gguf: {types: [Q4_K_M], imatrix: true}}}\n")
+    work = WorkDir(root / "work")
+    plan = build_plan(load_targets(root / "targets.yaml"), PlanContext(work=work, offline=True))
+    wanted = [s for s in plan.steps if s.kind in ("source", "eval.tokens", "calibration")]
+    report = run_plan(Plan(plan.targets, topological(wanted)), work, BuildOptions(keep_going=True, offline=True),
+                      PlainReporter(only_failures=True))
+    out = {}
+    for result in report.results:
+        out[result.kind] = result
+        if result.status == "built" and result.kind in ("eval.tokens", "calibration"):
+            file = "windows.npy" if result.kind == "eval.tokens" else "calibration.npy"
+            out[result.kind + ".npy"] = np.load(Path(result.output_dir) / file)
+    return out
+
+
+def test_one_text_for_evaluation_and_calibration_shares_no_token_position(tmp_path):
+    from tokenizers import Tokenizer
+
+    source = _tokenizer_source(tmp_path / "src")
+    got = _windows(tmp_path, 60, "long")
+    evaluation, calibration = got["eval.tokens.npy"], got["calibration.npy"]
+    assert evaluation.shape == (4, 32) and calibration.shape == (3, 32)
+    # where each window sits in the text, found by its ids under the tokenizer itself (not from the steps' records)
+    text = (tmp_path / "long" / "text.txt").read_text()
+    ids = Tokenizer.from_file(str(source / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    assert len(ids) > 4 * 32 + 3 * 32
+
+    def position(window: np.ndarray) -> int:
+        body = window[1:].tolist()  # the first id is BOS, which the text does not hold there
+        found = [i for i in range(1, len(ids) - 30) if ids[i:i + 31] == body]
+        assert len(found) == 1, found
+        return found[0] - 1
+
+    assert {int(w[0]) for w in (*evaluation, *calibration)} == {1}  # BOS leads every window: the tokenizer adds it
+    eval_at = [position(w) for w in evaluation]
+    calib_at = [position(w) for w in calibration]
+    assert eval_at == [0, 32, 64, 96]  # from the start
+    assert calib_at == [len(ids) - 96, len(ids) - 64, len(ids) - 32]  # the last samples x seq_len ids
+    eval_positions = {p for start in eval_at for p in range(start, start + 32)}
+    calib_positions = {p for start in calib_at for p in range(start, start + 32)}
+    assert not eval_positions & calib_positions
+
+    # a text too short to keep them apart is refused, with what it takes; the evaluation alone still fits
+    short = _windows(tmp_path, 18, "short")
+    assert short["eval.tokens"].status == "built" and short["calibration"].status == "failed"
+    assert re.fullmatch(r"calibration text has \d+ tokens; samples 3 x seq_len 32 needs 96 after the 128 the "
+                        r"evaluation windows take \(ctx x chunks\): lower samples or chunks, add text, or calibrate "
+                        r"on another text", short["calibration"].error)

@@ -4,6 +4,7 @@ and the disk preflight and eviction on a size-capped tmpfs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,13 +22,12 @@ from typer.testing import CliRunner
 
 from quantforge import cli
 from quantforge.core.engine import must_run
-from quantforge.core.staleness import upstream_keys
 from quantforge.core.step import PlanContext
 from quantforge.errors import BadInputError
 from quantforge.nightly import MAX_LEGS, github_matrix, workflow_text
 from quantforge.pipeline import build_plan, load_targets
 from quantforge.report import MAX_SUMMARY_BYTES, merge, merged_markdown
-from quantforge.store import WorkDir, canonical_json, sha256_file
+from quantforge.store import WorkDir, canonical_json
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = [REPO / "quantforge" / "templates" / "nightly.yml", REPO / ".github" / "workflows" / "nightly.yml",
@@ -139,6 +139,11 @@ def test_the_matrix_is_what_the_workflow_reads(matrix_project, tmp_path):
         assert leg["reasons"] == ["no build record at " + str(matrix_project / "out" / "t" /
                                                                                 f"{leg['model']}-GGUF")]
         assert leg["disk_bytes"] > 0 and leg["stale_steps"] == 13
+        # a checkpoint without layer shapes (no hidden_size in its config): the torch reference's whole model in
+        # fp32, from the 16-bit weights' size, plus 1 GiB of runtime
+        weights = (matrix_project / "ckpt" / "model.safetensors").stat().st_size
+        assert leg["memory_bytes"] == (1 << 30) + 4 * (weights // 2) and leg["memory"] == "1.07 GB"
+        assert leg["memory_how"] == "torch reference, whole model in fp32 (streamed when less is free)"
     # what the workflow does with it: fromJSON of the plan job's output, runs-on and every matrix.<key> from a leg
     flow = workflow()
     build = flow["jobs"]["build"]
@@ -154,12 +159,18 @@ def test_an_up_to_date_model_gets_no_leg_unless_all(matrix_project):
     proc = quantforge("plan", "targets.yaml", "--github-matrix", "--only", "small", cwd=matrix_project)
     assert [leg["model"] for leg in json.loads(proc.stdout)["include"]] == ["small"]
     out = matrix_project / "out" / "t"
-    plan = build_plan(load_targets(matrix_project / "targets.yaml"), PlanContext(work=WorkDir(matrix_project / "w")))
-    for step in (s for s in plan.steps if s.kind == "publish"):  # as if both were published by these very steps
-        repo = out / step.params["repo_id"].split("/")[1]
+    # as if both were published by these very steps: the record a publish writes, made here from what `plan --json`
+    # lists (each model's one format feeds every one of its steps into its publish step)
+    planned = json.loads(quantforge("plan", "targets.yaml", "--json", "--offline", "--work-dir", "w",
+                                    cwd=matrix_project).stdout)["steps"]
+    for model in ("small", "big"):
+        steps = {s["label"]: s["key"] for s in planned if s["model"] == model}
+        assert len(steps) == 13
+        repo = out / f"{model}-GGUF"
         repo.mkdir(parents=True)
         (repo / "README.md").write_text("# the card\n")
-        record = {"key": step.key, "steps": upstream_keys(step), "card_sha256": sha256_file(repo / "README.md")}
+        record = {"key": steps[f"{model}/gguf:publish"], "steps": steps,
+                  "card_sha256": hashlib.sha256(b"# the card\n").hexdigest()}
         (repo / "quantforge.json").write_text(json.dumps({"build": record}))
     assert json.loads(quantforge("plan", "targets.yaml", "--github-matrix", cwd=matrix_project).stdout) == \
         {"include": []}
@@ -171,6 +182,15 @@ def test_an_up_to_date_model_gets_no_leg_unless_all(matrix_project):
     every = json.loads(quantforge("plan", "targets.yaml", "--github-matrix", "--all", cwd=matrix_project).stdout)
     assert [(leg["model"], leg["reasons"]) for leg in every["include"]] == [("small", ["forced (--all)"]),
                                                                            ("big", ["forced (--all)"])]
+    # published by an older build whose Q4_K_M differed: the leg names that step, and only it
+    manifest = out / "big-GGUF" / "quantforge.json"
+    older = json.loads(manifest.read_text())
+    older["build"]["key"] = "0" * 64
+    older["build"]["steps"]["big/gguf/Q4_K_M:quantize"] = "1" * 64
+    manifest.write_text(json.dumps(older))
+    changed = json.loads(quantforge("plan", "targets.yaml", "--github-matrix", cwd=matrix_project).stdout)
+    assert [(leg["model"], leg["reasons"]) for leg in changed["include"]] == \
+        [("big", ["gguf/Q4_K_M:quantize: changed since published"])]
 
 
 def test_more_legs_than_a_matrix_holds_is_a_clear_error(tmp_path):
@@ -226,7 +246,7 @@ def test_the_workflow_never_cancels_a_publish_and_always_summarizes():
     assert flow["concurrency"]["cancel-in-progress"] is False
     jobs = flow["jobs"]
     assert jobs["build"]["needs"] == "plan" and jobs["summary"]["needs"] == ["plan", "build"]
-    assert jobs["build"]["strategy"]["max-parallel"] >= 1
+    assert jobs["build"]["strategy"]["max-parallel"] == 4  # the template's figure: a runner pool shared fairly
     assert jobs["summary"]["if"].startswith("always()")
     steps = jobs["build"]["steps"]
     assert any(s.get("uses", "").startswith("actions/cache@") and "quantforge" in s["with"]["path"] for s in steps)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -155,37 +156,48 @@ def test_a_published_file_edited_in_place_cannot_touch_the_cache(tmp_path):
     assert again.uploaded == ["m-Q8_0.gguf"] and sha256_file(published) == sha
 
 
+def _publish_in_a_process(root: Path, files: dict, tag: str, barrier) -> None:
+    barrier.wait()  # every process starts copying at the same moment
+    LocalDirPublisher(root).publish("acme/m-GGUF", files, private=False, message=tag)
+
+
 def test_two_builds_publishing_into_one_folder_at_once_both_succeed(tmp_path):
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
+    """Four processes (as four builds are: their own pids, no shared memory) publish one repo at once."""
+    import multiprocessing
 
-    def publish(tag: str) -> None:
-        files = _files(tmp_path, tag, big=2_000_000)
-        try:
-            barrier.wait()
-            LocalDirPublisher(tmp_path / "out").publish("acme/m-GGUF", files, private=False, message=tag)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=publish, args=(t,)) for t in "abcd"]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(4)
+    sources = {tag: _files(tmp_path, tag, big=2_000_000) for tag in "abcd"}
+    procs = [context.Process(target=_publish_in_a_process, args=(tmp_path / "out", sources[tag], tag, barrier))
+             for tag in "abcd"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert len({p.pid for p in procs} | {os.getpid()}) == 5
     repo = tmp_path / "out" / "acme" / "m-GGUF"
     assert sorted(p.name for p in repo.iterdir()) == ["README.md", "m-Q8_0.gguf", "quantforge.json"]
+    # every file is one build's whole copy, never a mix or a cut
+    for name in ("README.md", "m-Q8_0.gguf"):
+        assert sha256_file(repo / name) in {files[name][1] for files in sources.values()}
 
 
 @pytest.mark.slow
 def test_a_full_disk_during_a_folder_publish_says_so_and_leaves_no_partial_file(tmp_path):
     files = _files(tmp_path, "a", big=3_000_000)
     with small_disk(tmp_path / "disk", "1m") as disk:
-        with pytest.raises(DiskFull, match=r"no space left on device .*need about"):
+        with pytest.raises(DiskFull) as info:
             LocalDirPublisher(disk).publish("acme/m-GGUF", files, private=False, message="m")
         repo = disk / "acme" / "m-GGUF"
         left = sorted(p.name for p in repo.iterdir()) if repo.exists() else []
         assert left == []  # no hidden partial file, and no README.md without its files
+        # the whole line: where, how much the three files take (3,002,017 bytes), and what is free without the
+        # partial copy (about the whole 1 MiB disk)
+        free = shutil.disk_usage(disk).free
+        assert 1_000_000 <= free <= 1 << 20
+        assert str(info.value) == (f"publishing acme/m-GGUF: no space left on device tmpfs ({repo}): need about "
+                                   f"3 MB, 1 MB free on {disk}")
 
 
 @pytest.mark.slow
@@ -303,30 +315,34 @@ def test_builds_killed_at_several_points_resume_and_never_publish_half_a_repo(tm
     targets.write_text(TINY_TARGETS.format(source=tiny_models("llama"), types="Q8_0"))
     work, repo = tmp_path / "work", tmp_path / "out" / "t" / "t-GGUF"
     command = [sys.executable, "-m", "quantforge.cli", "build", str(targets), "--work-dir", str(work), "--json"]
+    planned = subprocess.run([sys.executable, "-m", "quantforge.cli", "plan", str(targets), "--json", "--work-dir",
+                              str(work)], capture_output=True, text=True)
+    assert planned.returncode == 0, planned.stderr
+    keys = {s["label"]: s["key"] for s in json.loads(planned.stdout)["steps"]}
     # kill points: while converting, while quantizing or evaluating, and once the publish folder exists
     points = [lambda: any((work / "tmp").glob("gguf.convert-*")),
               lambda: any((work / "steps").glob("gguf.quantize/*/manifest.json")),
               lambda: repo.exists()]
-    for reached in points:
+    for point, reached in enumerate(points):
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
         while proc.poll() is None and not reached() and time.monotonic() < deadline:
-            time.sleep(0.02)
+            time.sleep(0.005)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL, f"kill point {point} was not reached before the build ended"
         _repo_is_whole(repo)
         finished = {p.parent.name for p in (work / "steps").glob("*/*/manifest.json")}
+        assert set(keys.values()) - finished, f"kill point {point}: nothing was left to do"
         rerun = subprocess.run(command, capture_output=True, text=True)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
-        report = strict_json(rerun.stdout)
-        statuses = {s["key"]: s["status"] for s in report["steps"]}
-        # every step finished before the kill is reused, not rebuilt
-        assert all(statuses.get(key, "reused") in ("reused", "not-needed") for key in finished)
+        statuses = {s["label"]: s["status"] for s in strict_json(rerun.stdout)["steps"]}
+        assert set(statuses) == set(keys)  # every step is accounted for, none missing
+        # every step finished before the kill is reused, every other one built now
+        for label, key in keys.items():
+            assert statuses[label] == ("reused" if key in finished else "built"), (point, label, statuses[label])
         _repo_is_whole(repo)
         assert (repo / "README.md").is_file()
-        import shutil
-
         shutil.rmtree(work)
         shutil.rmtree(tmp_path / "out")
 

@@ -80,6 +80,7 @@ def test_changed_artifact_makes_one_commit_uploading_only_it(hub, repo_files):
 def test_transient_failures_are_retried(hub, repo_files, method, fragment, action):
     hub.fail(method, fragment, action, times=2)
     result = publisher(hub).publish("acme/m-GGUF", repo_files(), private=False, message="one")
+    assert hub.faults == [[method, fragment, action, 0]]  # both injected failures were served, then retried
     assert result.commit and len(hub.repos["acme/m-GGUF"].commits) == 1
     assert len(hub.repos["acme/m-GGUF"].files) == 4
 
@@ -209,3 +210,50 @@ def _folder(path, files: dict[str, bytes]):
     for name, content in files.items():
         (path / name).write_bytes(content)
     return path
+
+
+# ------------------------------------------------------------------------------------------------ Xet or LFS
+
+@pytest.fixture
+def hub_as_installed(monkeypatch):
+    """huggingface_hub as a user's process has it: hf_xet importable, HF_HUB_DISABLE_XET unset when it was imported
+    (so its constant is False, and it would upload through Xet)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils._runtime import is_xet_available
+
+    monkeypatch.delenv("HF_HUB_DISABLE_XET", raising=False)
+    monkeypatch.delenv("QUANTFORGE_HUB_XET", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    assert is_xet_available()  # else this test would prove nothing
+    with HubServer() as server:
+        yield server
+
+
+def test_uploads_take_the_lfs_path_unless_xet_is_asked_for(hub_as_installed, repo_files, monkeypatch):
+    from huggingface_hub import constants
+
+    hub = hub_as_installed
+    result = publisher(hub).publish("acme/m-GGUF", repo_files(), private=False, message="one")
+    assert result.commit and sorted(hub.uploads()) == sorted(
+        f"/lfs-upload/{sha}" for name, (_, sha) in repo_files().items() if name.endswith(".gguf"))
+    assert not [p for _, p, _ in hub.requests if "xet" in p]
+    assert constants.HF_HUB_DISABLE_XET is False  # put back: other code in the process is left as it was
+
+    monkeypatch.setenv("QUANTFORGE_HUB_XET", "1")  # the opt-in: huggingface_hub's own choice, Xet here
+    with pytest.raises(PublishError, match="xet-write-token"):
+        publisher(hub).publish("acme/m-GGUF", repo_files(**{"model-Q8_0.gguf": b"GGUF new"}), private=False,
+                               message="two")
+    assert any("/xet-write-token/" in p for _, p, _ in hub.requests)  # the loopback Hub speaks no Xet
+    assert len(hub.repos["acme/m-GGUF"].commits) == 1
+
+
+def test_doctor_says_which_protocol_uploads_use(monkeypatch):
+    from quantforge.toolchains.hub_protocol import upload_protocol
+
+    monkeypatch.delenv("QUANTFORGE_HUB_XET", raising=False)
+    monkeypatch.delenv("HF_HUB_DISABLE_XET", raising=False)
+    assert upload_protocol().startswith("LFS (the protocol quantforge is tested with; QUANTFORGE_HUB_XET=1")
+    monkeypatch.setenv("QUANTFORGE_HUB_XET", "1")
+    assert upload_protocol() == "Xet (QUANTFORGE_HUB_XET=1; not covered by quantforge's tests)"
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    assert upload_protocol() == "LFS (QUANTFORGE_HUB_XET=1, but HF_HUB_DISABLE_XET is set)"

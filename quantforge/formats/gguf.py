@@ -259,14 +259,15 @@ def run_external(step: Step, ctx: StepContext) -> dict[str, Any]:
     return {"file": path.name, "path": str(path), "size": path.stat().st_size, **info}
 
 
-@step_kind("gguf.verify", version="1", stage="verify")
+@step_kind("gguf.verify", version="2", stage="verify")  # 2: an EOS is not a generated token
 def run_verify(step: Step, ctx: StepContext) -> dict[str, Any]:
     artifact = ctx.inputs["artifact"]
     gguf_file = artifact_path(artifact)
     result = llamacpp.load_and_generate(gguf_file, step.params["prompt"], step.params["tokens"], ctx.log_path,
-                                        ctx.out_dir)
+                                        ctx.out_dir, ctx.options.threads)
     if not result["generated_ids"]:
-        raise VerificationError(f"{gguf_file.name}: llama.cpp generated no token")
+        raise VerificationError(f"{gguf_file.name}: llama.cpp generated no token (its first choice was "
+                                f"end-of-sequence) after {step.params['prompt']!r}")
     return {k: v for k, v in result.items() if k != "ok"}
 
 

@@ -4,7 +4,8 @@ Files already on the Hub with the same content are skipped (LFS files by sha256,
 sha1), and when nothing changed no commit is made. Transient failures (429, 5xx, dropped connections) are
 retried with exponential backoff around each Hub call; a commit is atomic on the Hub, so a failure leaves
 the repo as it was. The token comes from HF_TOKEN or `hf auth login` (huggingface_hub's own lookup) and is
-never logged or put in a message.
+never logged or put in a message. Files go up by the LFS protocol, not Xet, unless QUANTFORGE_HUB_XET=1
+(toolchains/hub_protocol.py says why).
 
 LFS files may go up ahead of their commit (`preupload`, huggingface_hub's preupload_lfs_files), each as soon as
 it is ready, and be committed later by what was recorded of them (`PreuploadedFile`) once their local copies are
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import PreuploadRejected, PublishError
+from ..toolchains.hub_protocol import hub_transfers
 from . import PublishResult
 from .record import REPO_MANIFEST, git_blob_sha1
 
@@ -99,7 +101,8 @@ class HubPublisher:
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         for attempt in range(self.retries + 1):
             try:
-                return fn()
+                with hub_transfers():  # the LFS path the tests take, unless QUANTFORGE_HUB_XET=1
+                    return fn()
             except Exception as exc:
                 if _status(exc) in (401, 403):
                     raise PublishError(f"{what}: the Hub refused the token (HTTP {_status(exc)}); set HF_TOKEN to a "

@@ -79,6 +79,8 @@ class LocalDirPublisher:
                     _copy(path, tmp)
                 except OSError as exc:
                     if exc.errno in NO_SPACE:
+                        tmp.unlink(missing_ok=True)  # first, so that the message says what is really free
+                        tmp = None
                         need = sum(files[n][0].stat().st_size for n in order[i:])
                         raise disk_full(dest, need, f"publishing {repo_id}") from None
                     raise

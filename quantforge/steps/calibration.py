@@ -44,10 +44,16 @@ def calibration_step(model: ModelTarget, targets: Targets, source: Step, context
         label += f"-{samples}x{seq_len}"
         if dataset != default.dataset:
             label += "-" + hashlib.sha256(text.spec.encode()).hexdigest()[:8]
+    local: dict[str, Any] = {"dataset": text.local}
+    evaluation = model.evaluation
+    if text_identity(evaluation.dataset, targets.base_dir, context.memo) == text:
+        # one text for both: the run refuses windows that would reach into the evaluation's (a check, not an input:
+        # unkeyed, so that changing the evaluation does not calibrate again)
+        local["evaluation_tokens"] = evaluation.ctx * evaluation.chunks
     return context.memo(f"step:{label}", lambda: Step(
         "calibration", label, params={"dataset": text.spec, "text_sha256": text.digest, "samples": samples,
                                       "seq_len": seq_len},
-        inputs={"source": source}, model=model.name, local={"dataset": text.local}))
+        inputs={"source": source}, model=model.name, local=local))
 
 
 def imatrix_step(model: ModelTarget, source: Step, calibration: Step) -> Step:
@@ -63,7 +69,8 @@ def run_calibration(step: Step, ctx: StepContext) -> dict[str, Any]:
     tokenized = tokenizer_worker.tokenize(Path(ctx.inputs["source"].data["path"]), [text], ctx.out_dir,
                                           ctx.log_path)
     [ids] = tokenized.ids
-    windows, first = cut_calibration(ids, step.params["seq_len"], step.params["samples"], tokenized.window_bos)
+    windows, first = cut_calibration(ids, step.params["seq_len"], step.params["samples"], tokenized.window_bos,
+                                     after=step.local.get("evaluation_tokens", 0))
     np.save(ctx.out_dir / CALIBRATION_FILE, windows)
     return {"text_tokens": len(ids), "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
             "first_token": first, "bos_id": tokenized.bos_id, "adds_bos": tokenized.adds_bos}

@@ -30,6 +30,7 @@ from ..core.step import PlanContext, Reason, Step, StepContext
 from ..data import portable_path
 from ..errors import SourceError
 from ..store import NO_SPACE, canonical_json, disk_full, sha256_file, write_json_atomic
+from ..toolchains.hub_protocol import hub_transfers
 
 # What a conversion or quantization needs: weights as safetensors, configs, tokenizer files, chat templates.
 DEFAULT_ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja",
@@ -243,9 +244,11 @@ def run_fetch(step: Step, ctx: StepContext) -> dict[str, Any]:
         from huggingface_hub import snapshot_download
 
         try:
-            # into the shared HF cache: resumable, deduplicated, and not copied into the work dir
-            path = Path(snapshot_download(params["source"], revision=step.local["commit"],
-                                          allow_patterns=params["allow_patterns"]))
+            # into the shared HF cache: resumable, deduplicated, and not copied into the work dir; over HTTP as
+            # tested, unless QUANTFORGE_HUB_XET=1
+            with hub_transfers():
+                path = Path(snapshot_download(params["source"], revision=step.local["commit"],
+                                              allow_patterns=params["allow_patterns"]))
         except Exception as exc:  # huggingface_hub raises many types; all mean the same here
             raise SourceError(f"{params['source']}@{step.local['commit'][:12]}: download failed: {exc}") from exc
         if not any(path.glob("*.safetensors")):

@@ -307,10 +307,12 @@ def quantize(in_file: Path, out_file: Path, gguf_type: str, log_path: Path, thre
     return result
 
 
-def load_and_generate(gguf_file: Path, prompt: str, n_tokens: int, log_path: Path, scratch: Path) -> dict[str, Any]:
-    """Check by the real consumer: llama.cpp loads the file and greedily generates a few tokens."""
-    result = _run_worker(["generate", str(gguf_file), "--prompt", prompt, "--tokens", str(n_tokens)],
-                         log_path, scratch / "generate.result.json")
+def load_and_generate(gguf_file: Path, prompt: str, n_tokens: int, log_path: Path, scratch: Path,
+                      threads: int | None = None) -> dict[str, Any]:
+    """Check by the real consumer: llama.cpp loads the file and greedily generates up to `n_tokens` tokens, EOS
+    not counted (VerificationError for non-finite logits)."""
+    result = _run_worker(["generate", str(gguf_file), "--prompt", prompt, "--tokens", str(n_tokens),
+                          "--threads", str(threads or 0)], log_path, scratch / "generate.result.json")
     if not result.get("ok"):
         raise VerificationError(f"llama.cpp could not run {gguf_file.name}: {result.get('error', 'unknown')}")
     return result

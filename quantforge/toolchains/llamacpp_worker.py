@@ -4,6 +4,7 @@
                                                                   [--imatrix NPZ --gguf-py DIR]
                                                                   [--kv-overrides JSON]
     python -m quantforge.toolchains.llamacpp_worker --result FILE generate GGUF --prompt TEXT [--tokens N]
+                                                                  [--threads N]
     python -m quantforge.toolchains.llamacpp_worker --result FILE evaluate GGUF --windows NPY --reference NPZ
                                                                   [--sample JSON] [--threads N]
 
@@ -138,8 +139,9 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     from llama_cpp import Llama
 
     started = time.perf_counter()
-    llm = Llama(model_path=str(args.gguf), n_ctx=256, n_batch=256, logits_all=True, seed=0,
-                n_threads=os.cpu_count(), n_gpu_layers=GPU_LAYERS, verbose=True)
+    threads = args.threads or os.cpu_count()
+    llm = Llama(model_path=str(args.gguf), n_ctx=256, n_batch=256, logits_all=True, seed=0, n_threads=threads,
+                n_threads_batch=threads, n_gpu_layers=GPU_LAYERS, verbose=True)
     load_seconds = time.perf_counter() - started
     tokens = llm.tokenize(args.prompt.encode(), add_bos=True, special=False)
     prompt_len = len(tokens)
@@ -152,9 +154,9 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         if not np.all(np.isfinite(logits)):
             return {"ok": False, "error": f"non-finite logits after {len(generated)} generated tokens"}
         token = int(np.argmax(logits))
-        generated.append(token)
-        if token == llm.token_eos():
+        if token == llm.token_eos():  # the end of the answer, not part of it: an EOS first means no output
             break
+        generated.append(token)
         llm.eval([token])
     gen_seconds = time.perf_counter() - started
     text = llm.detokenize(generated).decode("utf-8", errors="replace")
@@ -164,6 +166,7 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         "generated_ids": generated,
         "generated_text": text,
         "n_vocab": llm.n_vocab(),
+        "threads": [llm.n_threads, llm.n_threads_batch],  # one token at a time, and batches
         "load_seconds": round(load_seconds, 3),
         "tokens_per_second": round(len(generated) / gen_seconds, 2) if gen_seconds > 0 else math.inf,
     }
@@ -178,8 +181,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     windows = np.load(args.windows)
     reference = metrics.Reference.load(args.reference)
     ctx = int(windows.shape[1])
+    threads = args.threads or os.cpu_count()  # the prompt's batches too: llama-cpp-python's default is every core
     llm = Llama(model_path=str(args.gguf), n_ctx=ctx, n_batch=min(ctx, 512), n_ubatch=min(ctx, 512),
-                logits_all=True, n_threads=args.threads or os.cpu_count(), n_gpu_layers=GPU_LAYERS, verbose=True)
+                logits_all=True, n_threads=threads, n_threads_batch=threads, n_gpu_layers=GPU_LAYERS, verbose=True)
     comparison = metrics.Comparison([], [], [])
     offset = 0
     started = time.perf_counter()
@@ -190,6 +194,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         offset += len(comparison.nll[-1])
     seconds = time.perf_counter() - started
     result: dict[str, Any] = {"ok": True, **metrics.summarize(comparison, reference),
+                              "threads": [llm.n_threads, llm.n_threads_batch],
                               "seconds": round(seconds, 3), "tokens_per_second": round(windows.size / seconds, 1)}
     if args.sample:
         sample = json.loads(args.sample.read_text())
@@ -216,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--imatrix", type=Path)
     q.add_argument("--gguf-py", type=Path)
     q.add_argument("--kv-overrides", type=json.loads, help="a JSON object {key: str | int | float | bool}")
-    _, e = check_commands(sub, "gguf")
-    e.add_argument("--threads", type=int, default=0)
+    g, e = check_commands(sub, "gguf")
+    for command in (g, e):
+        command.add_argument("--threads", type=int, default=0)
     return serve(parser, COMMANDS, argv)
 
 
