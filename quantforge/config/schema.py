@@ -24,6 +24,7 @@ from pydantic import (
 from ..data import parse_text_source
 from ..errors import BadInputError
 from .licenses import check_license, check_license_link, check_license_name, check_release
+from .runner import DEFAULT_RUNNER, RunnerSpec
 
 # used with fullmatch: `$` would also match before a final newline, and "a\n" would name a folder
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -251,18 +252,9 @@ class ModelSettings(_Strict):
     publish: PublishTarget = PublishTarget()
     evaluation: EvaluationSettings = EvaluationSettings()
     calibration: CalibrationSettings = CalibrationSettings()
-    # the GitHub Actions runner of this model's nightly leg (`plan --github-matrix`): a label, or a list of labels
-    # a runner must have all of ([self-hosted, gpu])
-    runner: str | list[str] = "ubuntu-latest"
-
-    @field_validator("runner")
-    @classmethod
-    def _runner(cls, value: str | list[str]) -> str | list[str]:
-        labels = [value] if isinstance(value, str) else value
-        if not labels or any(not label.strip() or _CONTROL_RE.search(label) or label != label.strip()
-                             for label in labels):
-            raise ValueError("expected a runner label such as ubuntu-latest, or a list such as [self-hosted, gpu]")
-        return value
+    # the GitHub Actions runner of this model's nightly leg (`plan --github-matrix`): a label, a list of labels a
+    # runner must have all of ([self-hosted, gpu]), or {labels: [...], cores:, memory:, disk:, gpu_memory:, timeout:}
+    runner: RunnerSpec = DEFAULT_RUNNER
 
     # the Hub licence id the model's repos declare (unset: the source card's); `other` takes a name and a link
     license: Annotated[str, AfterValidator(check_license)] | None = None
