@@ -136,9 +136,9 @@ def leg_memory(steps: Iterable[Step], size: RunnerSize) -> tuple[int | None, str
     if gptq is not None and source is not None and source.local.get("files"):
         params = SourceSize.of(source).params
         return GPTQMODEL_BASELINE + 2 * params, (f"{gptq.label}: GPTQModel loads the whole model in fp16, at "
-                                                 "least (the source's shapes are read once it is fetched)")
-    return None, ("unknown until the source is fetched (its config and safetensors headers); the torch passes "
-                  "stream layer by layer when memory is short")
+                                                 "least (the source's shapes are not known here)")
+    return None, ("unknown until the source's config and safetensors headers are here (a Hub source: once "
+                  "fetched); the torch passes stream layer by layer when memory is short")
 
 
 def _fix(runner: RunnerSpec, size: RunnerSize, disk: int, memory: int | None, time: LegTime | None) -> str:
