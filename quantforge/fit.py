@@ -135,8 +135,8 @@ def leg_memory(steps: Iterable[Step], size: RunnerSize) -> tuple[int | None, str
         next((d for s in steps for d in s.inputs.values() if d.kind == "source"), None)
     if gptq is not None and source is not None and source.local.get("files"):
         params = SourceSize.of(source).params
-        return GPTQMODEL_BASELINE + 2 * params, (f"{gptq.label}: GPTQModel loads the whole model in fp16, at "
-                                                 "least (the source's shapes are not known here)")
+        return GPTQMODEL_BASELINE + 2 * params, (f"{gptq.label}: GPTQModel loads the whole model in fp16; more "
+                                                 "with its calibration, which the source's shapes tell once here")
     return None, ("unknown until the source's config and safetensors headers are here (a Hub source: once "
                   "fetched); the torch passes stream layer by layer when memory is short")
 
