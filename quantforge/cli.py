@@ -67,14 +67,14 @@ def _plan(targets_file: Path, work_dir: Path, only: str | None, offline: bool, l
 
 @app.command()
 def validate(targets_file: TargetsArg, no_runner_check: NoRunnerCheckOpt = False) -> None:
-    """Check a targets file; print every problem with its file, line and key. Each model's nightly leg, built
-    from scratch, must fit its runner where the source's size is known without a request (a local source, a Hub
-    source in the local HF cache)."""
+    """Check a targets file; print every problem with its file, line and key; refuse a nightly leg that does not
+    fit its runner, where the source's size is known without a request."""
+    from .fit import check_targets
     from .pipeline import load_targets
 
     try:
         targets = load_targets(targets_file)
-        notes = [] if no_runner_check else _check_runners(targets)
+        notes = [] if no_runner_check else check_targets(targets, DEFAULT_WORK_DIR)
     except QuantforgeError as exc:
         raise _fail(exc) from None
     n = sum(m.formats.settings(f).artifact_count() for m in targets.models for f in m.formats.enabled())
@@ -85,16 +85,6 @@ def validate(targets_file: TargetsArg, no_runner_check: NoRunnerCheckOpt = False
 
     for warning in release_warnings(targets):  # valid, but the Hub would show no model tree or licence
         typer.echo(f"{targets_file}: warning: {warning}", err=True)
-
-
-def _check_runners(targets) -> list[str]:
-    from .core.step import PlanContext
-    from .fit import fit_targets, refuse_unfit
-    from .store import WorkDir
-
-    fits, notes = fit_targets(targets, PlanContext(work=WorkDir(DEFAULT_WORK_DIR), offline=True))
-    refuse_unfit(fits)
-    return notes + [f"{f.leg.model.name} on {f.runner.runs_on}: {note}" for f in fits for note in f.notes]
 
 
 @app.command()
@@ -126,9 +116,9 @@ def plan(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only
             typer.echo(json.dumps(matrix, separators=(",", ":")))
             return
         if not no_runner_check:
-            from .fit import fit_leg, legs_of, refuse_unfit
+            from .fit import check_plan
 
-            refuse_unfit(fit_leg(leg) for leg in legs_of(the_plan, todo))
+            check_plan(the_plan, todo)
         memory = memory_plan(the_plan.steps)  # expected peak of each heavy step against what is free now
     except QuantforgeError as exc:
         raise _fail(exc) from None
@@ -389,15 +379,12 @@ def ci_init(targets: Annotated[Path, typer.Option("--targets", help="The targets
                                               ".github/workflows/nightly.yml under it.")] = Path("."),
             force: Annotated[bool, typer.Option("--force", help="Overwrite an existing workflow (and the default "
                                                 "constraints file).")] = False,
-            install: Annotated[str | None, typer.Option(
-                "--install", metavar="SPEC", help="What the jobs pip-install quantforge from (default: -e . in "
-                                                  "quantforge's own repository, else a git URL pinned to the commit "
-                                                  "of this quantforge).")] = None,
-            constraints: Annotated[Path | None, typer.Option(
-                "--constraints", metavar="FILE", help="A pip constraints file of your own pinning the tool versions "
-                                                      "every job installs (default: .github/quantforge-constraints"
-                                                      ".txt, written with the versions installed here; --force "
-                                                      "rewrites it).")] = None) -> None:
+            install: Annotated[str | None, typer.Option("--install", metavar="SPEC", help=(
+                "What the jobs pip-install quantforge from (default: -e . in its own repository, else a git URL "
+                "pinned to this quantforge's commit)."))] = None,
+            constraints: Annotated[Path | None, typer.Option("--constraints", metavar="FILE", help=(
+                "Your own pip constraints file pinning the tools (default: .github/quantforge-constraints.txt, "
+                "written with the versions installed here)."))] = None) -> None:
     """Write the nightly workflow (plan -> a build leg per stale model -> one summary) into a repository."""
     from .nightly import write_workflow
     from .pipeline import load_targets
@@ -410,10 +397,9 @@ def ci_init(targets: Annotated[Path, typer.Option("--targets", help="The targets
     for warning in written.install.warnings:
         typer.echo(f"warning: {warning}", err=True)
     pins = ", ".join(f"{name}=={version}" for name, version in written.pins.items())
-    typer.echo(f"wrote {written.workflow}: the jobs install {written.install.spec} ({written.install.how})")
-    typer.echo(f"{'wrote' if written.constraints_written else 'kept'} {written.constraints}: {pins}")
-    typer.echo("add an HF_TOKEN secret with write access (Settings > Secrets and variables > Actions), then commit "
-               "both files")
+    typer.echo(f"wrote {written.workflow}: the jobs install {written.install.spec} ({written.install.how})\n"
+               f"{'wrote' if written.constraints_written else 'kept'} {written.constraints}: {pins}\nadd an HF_TOKEN "
+               "secret with write access (Settings > Secrets and variables > Actions), then commit both files")
 
 
 @app.command()

@@ -179,6 +179,23 @@ def refuse_unfit(fits: Iterable[LegFit]) -> None:
         raise RunnerTooSmall(lines)
 
 
+def check_plan(plan: Plan, todo: dict[str, list[Reason]]) -> list[LegFit]:
+    """`plan`: refuse (RunnerTooSmall) a leg, the model's stale steps, that does not fit its runner."""
+    fits = [fit_leg(leg) for leg in legs_of(plan, todo)]
+    refuse_unfit(fits)
+    return fits
+
+
+def check_targets(targets: Targets, work_dir: Path) -> list[str]:
+    """`validate`: refuse a model's leg, built from scratch, that does not fit its runner; the notes on what
+    could not be checked. Plans offline (no request), with the work dir's memo of local sources' hashes."""
+    from .store import WorkDir
+
+    fits, notes = fit_targets(targets, PlanContext(work=WorkDir(work_dir), offline=True))
+    refuse_unfit(fits)
+    return notes + [f"{f.leg.model.name} on {f.runner.runs_on}: {note}" for f in fits for note in f.notes]
+
+
 def fit_targets(targets: Targets, context: PlanContext) -> tuple[list[LegFit], list[str]]:
     """`validate`: every model's leg as a fresh runner builds it (every step), for the models whose sizes are
     known without a request: local sources, and Hub sources in the local HF cache (`context` is offline).
