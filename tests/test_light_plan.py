@@ -132,3 +132,17 @@ def test_a_plan_without_the_toolchain_or_its_pins_says_what_to_pin(site, project
     proc = light(site, project, "plan", "targets.yaml", "--github-matrix")
     assert proc.returncode == 1 and "gptqmodel is not installed and pins.txt (QUANTFORGE_CONSTRAINTS) pins no " \
                                     "version of it" in proc.stderr
+
+
+def test_an_installed_tool_counts_and_a_pin_that_disagrees_is_logged(tmp_path, monkeypatch, caplog):
+    from quantforge.toolchains.pins import tool_version
+
+    installed = metadata.version("llama-cpp-python")
+    monkeypatch.setenv("QUANTFORGE_CONSTRAINTS", str(tmp_path / "missing.txt"))
+    assert tool_version("llama-cpp-python") == installed  # the file is only needed where the tool is not
+    (tmp_path / "pins.txt").write_text("llama_cpp_python == 0.0.1  # another\n")
+    monkeypatch.setenv("QUANTFORGE_CONSTRAINTS", str(tmp_path / "pins.txt"))
+    assert tool_version("llama-cpp-python") == installed
+    assert f"llama-cpp-python {installed} is installed but {tmp_path / 'pins.txt'} pins 0.0.1" in caplog.text
+    (tmp_path / "pins.txt").write_text("some_tool==1.2.3\n")
+    assert tool_version("Some.Tool") == "1.2.3"  # not installed: the pin, names compared as the index does

@@ -33,17 +33,20 @@ def canonical(name: str) -> str:
 
 def tool_version(package: str) -> str:
     """The installed version of `package`, else the constraints file's pin; ToolchainError when neither."""
-    pins = constraint_pins()
-    pinned = pins.get(canonical(package))
     try:
         installed = metadata.version(package)
     except metadata.PackageNotFoundError:
         installed = None
     if installed is not None:
+        try:
+            pinned = constraint_pins().get(canonical(package))
+        except BadInputError:  # the pin is not needed here: an unreadable file only costs the warning
+            pinned = None
         if pinned is not None and public_version(installed) != pinned:
             log.warning("%s %s is installed but %s pins %s: keys follow the installed one", package, installed,
                         os.environ.get(ENV), pinned)
         return installed
+    pinned = constraint_pins().get(canonical(package))
     if pinned is not None:
         return pinned
     where = f" and {os.environ[ENV]} ({ENV}) pins no version of it" if os.environ.get(ENV) else ""
