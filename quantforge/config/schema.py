@@ -24,6 +24,7 @@ from pydantic import (
 from ..data import parse_text_source
 from ..errors import BadInputError
 from .licenses import check_license, check_license_link, check_license_name, check_release
+from .runner import DEFAULT_RUNNER, RunnerSpec
 
 # used with fullmatch: `$` would also match before a final newline, and "a\n" would name a folder
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -273,18 +274,10 @@ class ModelSettings(_Strict):
     publish: PublishTarget = PublishTarget()
     evaluation: EvaluationSettings = EvaluationSettings()
     calibration: CalibrationSettings = CalibrationSettings()
-    runner: str | list[str] = Field("ubuntu-latest", description="The GitHub Actions runner of this model's nightly "
-                                    "leg (`plan --github-matrix`): a label, or a list of labels a runner must have "
-                                    "all of, e.g. [self-hosted, gpu].")
-
-    @field_validator("runner")
-    @classmethod
-    def _runner(cls, value: str | list[str]) -> str | list[str]:
-        labels = [value] if isinstance(value, str) else value
-        if not labels or any(not label.strip() or _CONTROL_RE.search(label) or label != label.strip()
-                             for label in labels):
-            raise ValueError("expected a runner label such as ubuntu-latest, or a list such as [self-hosted, gpu]")
-        return value
+    runner: RunnerSpec = Field(DEFAULT_RUNNER, description="The GitHub Actions runner of this model's nightly leg "
+                               "(`plan --github-matrix`): a label, a list of labels a runner must have all of "
+                               "([self-hosted, gpu]), or {labels: [...], cores:, memory:, disk:, gpu_memory:, "
+                               "timeout:} with its sizes, which plan checks the leg against.")
 
     license: Annotated[str, AfterValidator(check_license)] | None = Field(
         None, description="The Hub licence id the model's repos declare (apache-2.0, llama3.1, …; unset: the source "

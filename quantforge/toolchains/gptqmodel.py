@@ -13,11 +13,11 @@ import json
 import math
 import os
 import re
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ..errors import IncompatibleShapes, ToolchainError, VerificationError
+from .pins import tool_version
 from .quiet import output_to
 from .worker import run_worker
 
@@ -30,10 +30,8 @@ AWQ_OUTPUT_MULTIPLE = 64
 
 
 def gptqmodel_version() -> str:
-    try:
-        return metadata.version(PACKAGE)
-    except metadata.PackageNotFoundError:
-        raise ToolchainError(f"{PACKAGE} is not installed; run the README's set-up command") from None
+    # installed, or pinned by the constraints file a nightly's legs install with (a plan job has no tools)
+    return tool_version(PACKAGE)
 
 
 def quantized_linears(source_dir: Path, trust_remote_code: bool = False, log_path: Path | None = None

@@ -22,21 +22,19 @@ import tarfile
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError, ConversionError, ToolchainError, VerificationError
+from .pins import tool_version
 
 PACKAGE = "llama-cpp-python"
 _CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/", "LICENSE")
 
 
 def llama_cpp_version() -> str:
-    try:
-        return metadata.version(PACKAGE)
-    except metadata.PackageNotFoundError:
-        raise ToolchainError(f"{PACKAGE} is not installed; run the README's set-up command") from None
+    # installed, or pinned by the constraints file a nightly's legs install with (a plan job has no tools)
+    return tool_version(PACKAGE)
 
 
 def cache_root() -> Path:
