@@ -108,3 +108,119 @@ def test_only_our_own_temp_files_of_finished_writers_are_debris(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+# ------------------------------------------------------------------------------------ published copies, checked
+
+TARGETS = """
+defaults:
+  publish: {{to: {to}, namespace: t}}
+  evaluation: {{ctx: 64, chunks: 2, max_ppl_increase: {{gguf: 1000}}, tokenizer_check: false}}
+models:
+  - name: t
+    source: {source}
+    formats: {{gguf: {{types: [Q5_0]}}}}
+"""
+
+
+def quantforge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "quantforge.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def _publish_reasons(targets: Path, work: Path, *flags: str, env: dict[str, str] | None = None) -> list[str]:
+    """What `plan --json` says of the publish step: its reasons, rendered as plan prints them."""
+    from quantforge.console import reason_text
+    from quantforge.core.step import Reason
+
+    proc = quantforge("plan", str(targets), "--work-dir", str(work), "--json", *flags, env=env)
+    assert proc.returncode == 0, proc.stderr
+    step = next(s for s in json.loads(proc.stdout)["steps"] if s["kind"] == "publish")
+    return [reason_text(Reason.from_json(r)) for r in step["reasons"]]
+
+
+def _build(targets: Path, work: Path, *flags: str, env: dict[str, str] | None = None) -> dict:
+    proc = quantforge("build", str(targets), "--work-dir", str(work), "--json", *flags, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def _publish_status(report: dict) -> str:
+    return next(s["status"] for s in report["steps"] if s["kind"] == "publish")
+
+
+@pytest.mark.slow
+def test_an_edited_published_folder_is_noticed_and_republished_from_the_cache(tmp_path, tiny_models):
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(TARGETS.format(to='"dir:./out"', source=tiny_models("llama")))
+    work = tmp_path / "work"
+    _build(targets, work)
+    repo = tmp_path / "out" / "t" / "t-GGUF"
+    gguf = repo / "t-Q5_0.gguf"
+    good = gguf.read_bytes()
+    record = json.loads((repo / "quantforge.json").read_text())
+    assert record["files"]["t-Q5_0.gguf"] == {"sha256": sha256_file(gguf), "size": len(good)}
+
+    # 16 bytes flipped, the size kept: a plain plan cannot tell (it compares sizes), --verify-published can
+    with open(gguf, "r+b") as f:
+        f.seek(len(good) // 2)
+        f.write(bytes(b ^ 0xFF for b in good[len(good) // 2:len(good) // 2 + 16]))
+    assert _publish_reasons(targets, work) == []
+    reasons = _publish_reasons(targets, work, "--verify-published")
+    assert len(reasons) == 1 and reasons[0].startswith("published file changed: t-Q5_0.gguf (sha256 "), reasons
+    assert _publish_status(_build(targets, work)) == "reused"  # a plain build does not read it either
+    report = _build(targets, work, "--verify-published")
+    assert _publish_status(report) == "built"  # republished from the cache: nothing upstream ran
+    assert {s["status"] for s in report["steps"] if s["kind"] != "publish"} == {"reused"}
+    assert gguf.read_bytes() == good
+
+    # truncated: the size tells, so a plain build notices and repairs it
+    gguf.write_bytes(b"")
+    assert _publish_reasons(targets, work) == [f"published file changed: t-Q5_0.gguf (0 bytes, {len(good)} "
+                                               "published)"]
+    assert _publish_status(_build(targets, work)) == "built" and gguf.read_bytes() == good
+
+    # with no work dir (a fresh runner), the repo's quantforge.json is what the copy is checked against
+    gguf.write_bytes(good[:-1])
+    assert _publish_reasons(targets, tmp_path / "fresh") == [
+        f"published file changed: t-Q5_0.gguf ({len(good) - 1} bytes, {len(good)} published)"]
+    gguf.write_bytes(good)
+    assert _publish_reasons(targets, tmp_path / "fresh") == []
+
+    # a file its publication does not list (another build's type, a person's notes) is reported, and not stale
+    (repo / "t-Q4_0.gguf").write_bytes(b"GGUF from another build")
+    for work_dir in (work, tmp_path / "fresh"):
+        proc = quantforge("plan", str(targets), "--work-dir", str(work_dir), "--json")
+        plan = json.loads(proc.stdout)
+        assert plan["warnings"] == [{"step": "t/gguf:publish", "repo_id": "t/t-GGUF", "unlisted": ["t-Q4_0.gguf"],
+                                     "message": "t/t-GGUF holds t-Q4_0.gguf, which its publication does not list "
+                                                "(left by a build of other types, or added by hand)"}]
+        assert all(s["status"] == "up-to-date" for s in plan["steps"] if s["kind"] == "publish")
+    text = quantforge("plan", str(targets), "--work-dir", str(work)).stdout
+    assert "warning: t/t-GGUF holds t-Q4_0.gguf, which its publication does not list" in text
+
+
+@pytest.mark.slow
+def test_a_changed_hub_copy_is_noticed_by_its_lfs_sha256_without_a_download(tmp_path, tiny_models):
+    from hub_server import HubServer
+
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(TARGETS.format(to="hub", source=tiny_models("llama")))
+    work = tmp_path / "work"
+    with HubServer() as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_test", "HF_HUB_DISABLE_XET": "1",
+               "HF_HOME": str(tmp_path / "hf")}
+        _build(targets, work, env=env)
+        files = hub.repos["t/t-GGUF"].files
+        good = files["t-Q5_0.gguf"]["lfs"]
+        files["t-Q5_0.gguf"] = {**files["t-Q5_0.gguf"], "lfs": "0" * 64}  # other content, same size
+        hub.requests.clear()
+        reasons = _publish_reasons(targets, work, env=env)  # the listing the check makes carries LFS hashes
+        assert reasons == [f"published file changed: t-Q5_0.gguf (sha256 {'0' * 12}…, {good[:12]}… published)"]
+        assert not [p for m, p, _ in hub.requests if "/resolve/" in p and "t-GGUF" in p]  # nothing downloaded
+        # a fresh runner judges by quantforge.json alone (one request per repo); --verify-published also lists
+        assert _publish_reasons(targets, tmp_path / "fresh", env=env) == []
+        assert _publish_reasons(targets, tmp_path / "fresh", "--verify-published", env=env) == reasons
+        assert _publish_status(_build(targets, work, env=env)) == "built"
+        assert hub.repos["t/t-GGUF"].files["t-Q5_0.gguf"]["lfs"] == good
+        assert _publish_reasons(targets, work, env=env) == []

@@ -91,6 +91,7 @@ class BuildOptions:
     llama_cpp_dir: str | None = None
     offline: bool = False  # judge by the work dir alone: no look-up of what the destinations record
     evict: bool = False  # delete large outputs (registered evict=True) once every step that reads them has run
+    verify_published: bool = False  # compare published copies by content, not only by size (publish/copies.py)
 
 
 @dataclass
@@ -130,6 +131,7 @@ class Reason:
           | unpublished (the destination holds no record of a finished quantforge publication)
           | since-published (key: a step's label; new: new | changed | removed, against the published record)
           | moved (new: where a file outside the work dir, keyed by its content, now is)
+          | published-changed (key: a published file; old: its recorded size or sha256, new: the one found)
     """
 
     what: str
@@ -141,7 +143,7 @@ class Reason:
         out: dict[str, Any] = {"what": self.what}
         if self.key is not None:
             out["key"] = self.key
-        if self.what in ("params", "tools"):
+        if self.what in ("params", "tools", "published-changed"):
             out.update(old=self.old, new=self.new)
         elif self.new is not None:
             out["new"] = self.new
@@ -162,3 +164,6 @@ class Published:
     key: str | None = None  # None: nothing published there, or published without a record of its keys
     steps: Mapping[str, str] = field(default_factory=dict)  # label -> key of every step upstream
     data: Mapping[str, Any] = field(default_factory=dict)  # what the report shows for the step when it is reused
+    # what differs between the copy the destination holds and what the record lists (publish/copies.py): with the
+    # step's key recorded, these are why it runs again
+    problems: tuple[Reason, ...] = ()

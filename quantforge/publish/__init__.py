@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,16 +28,26 @@ from ..core.staleness import upstream_keys
 from ..core.step import Published, Reason, Step, StepContext, StepOutput
 from ..data import portable_path
 from ..errors import PreuploadRejected, PublishError
-from ..store import sha256_file
+from ..store import WorkDir, sha256_file
 from ..toolchains.gguf_split import parse_size
 from ..toolchains.llamacpp import cache_root
+from .copies import (
+    HeldFile,
+    check_copy,
+    expected_from_record,
+    expected_from_step,
+    forget_held,
+    held_files,
+    unlisted,
+    was_listed,
+)
 from .upload import upload_again, uploaded_files, uploads_by_artifact
 
 if TYPE_CHECKING:
     from .hub import PreuploadedFile
 
 __all__ = ["CARD_FILE", "REPO_MANIFEST", "PublishResult", "Publisher", "publish_step", "release_warnings",
-           "render_card", "run_publish"]
+           "render_card", "run_publish", "unlisted_files"]
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +73,9 @@ class Publisher(Protocol):
         """Make the repo hold `files` (name -> (path, sha256)) and the files uploaded ahead (the Hub only)."""
         ...
 
-    def missing(self, repo_id: str, files: dict[str, str]) -> list[str]:
-        """Names of `files` (name -> sha256) the destination does not hold with that hash."""
+    def held(self, repo_id: str, hashes: Collection[str] = ()) -> dict[str, HeldFile] | None:
+        """What the repo holds: name -> size and, where known (or read, for the names in `hashes`), sha256; None
+        when there is no such repo (publish/copies.py)."""
         ...
 
     def read_manifest(self, repo_id: str) -> dict[str, Any] | None:
@@ -145,8 +156,8 @@ def _artifact_name(artifact: Step) -> str:
 
 
 @step_kind("publish", version="3", stage="publish",
-           check=lambda step, manifest: check_published(step, manifest),
-           published=lambda step: published_record(step))
+           check=lambda step, manifest, verify=False: check_published(step, manifest, verify),
+           published=lambda step, verify=False: published_record(step, verify))
 def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
     source = ctx.inputs["source"]
     fmt = format_named(step.params["format"])
@@ -189,6 +200,11 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
     card_file.write_text(fmt.render_card(card), encoding="utf-8")
     # a folder gets its card last: the record counts only beside this very card (a publish cut short does not)
     manifest["build"]["card_sha256"] = sha256_file(card_file)
+    # every other file the repo holds, by size and sha256: what plan and build check the published copy against
+    manifest["files"] = {name: {"sha256": sha, "size": path.stat().st_size}
+                         for name, (path, sha) in {**artifact_files, **{f.name: (f.path, f.sha256) for f in repo_files},
+                                                   CARD_FILE: (card_file, manifest["build"]["card_sha256"])}.items()} \
+        | {name: {"sha256": file.sha256, "size": file.size} for name, file in ahead.items()}
     manifest_file = ctx.out_dir / REPO_MANIFEST
     manifest_file.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     _refuse_local_paths([manifest_file, card_file, *(f.path for f in repo_files if f.path.parent == ctx.out_dir)],
@@ -204,10 +220,14 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
     except PreuploadRejected as exc:
         exc.hint = upload_again(step, ctx.inputs, exc.names)
         raise
-    _RECORDS.pop((destination(step), step.params["repo_id"]), None)  # what was read before this publish is old
+    # what was read of the destination before this publish is old
+    _RECORDS.pop((destination(step), step.params["repo_id"]), None)
+    forget_held(destination(step), step.params["repo_id"])
     return {"repo_id": step.params["repo_id"], "to": step.params["to"],
             "files": {**{name: sha for name, (_, sha) in files.items()},
-                      **{name: file.sha256 for name, file in ahead.items()}}, **result.to_json()}
+                      **{name: file.sha256 for name, file in ahead.items()}},
+            "sizes": {**{name: path.stat().st_size for name, (path, _) in files.items()},
+                      **{name: file.size for name, file in ahead.items()}}, **result.to_json()}
 
 
 def _card_inputs(step: Step, inputs: dict[str, StepOutput], built: list[BuiltArtifact]) -> CardInputs:
@@ -279,16 +299,33 @@ def release_warnings(targets: Targets) -> list[str]:
     return warnings
 
 
-def check_published(step: Step, manifest: dict[str, Any]) -> Reason | None:
-    """Whether the published copy still holds what the cached publish step recorded."""
-    files = manifest.get("data", {}).get("files", {})
-    try:
-        missing = publisher_for(destination(step)).missing(step.params["repo_id"], files)
-    except (OSError, PublishError) as exc:
-        # unreachable destination: trust the record rather than fail `plan` (the next push re-checks hashes)
-        log.warning("%s: cannot check the published copy (%s)", step.label, exc)
+def check_published(step: Step, manifest: dict[str, Any], verify: bool = False) -> list[Reason]:
+    """Why the published copy no longer holds what the cached publish step recorded: files missing, of another
+    size, or (where the destination gives it for free, or `verify`) of another sha256 (publish/copies.py)."""
+    where = destination(step)
+    return check_copy(publisher_for(where), where, step.params["repo_id"],
+                      expected_from_step(manifest.get("data", {})), verify=verify)
+
+
+def unlisted_files(step: Step, work: WorkDir) -> list[str] | None:
+    """The files `step`'s repo holds that its publication does not list: left by a build that published another
+    set of types into the same repo, or added by hand. `plan` reports them; this is where a rule that deletes them
+    belongs. The publication is what the work dir's publish step recorded, else the repo's quantforge.json. None
+    when that cannot be told cheaply: no record that lists files, or a Hub repo not listed this run (a listing is a
+    request, and a nightly plan makes one per repo)."""
+    where, repo = destination(step), step.params["repo_id"]
+    if where == "hub" and not was_listed(where, repo):
         return None
-    return Reason("published", new=missing) if missing else None
+    cached = work.lookup(step.kind, step.key)
+    expected = (expected_from_step(cached.get("data", {})) if cached
+                else expected_from_record(_record(where, repo) or {}))
+    if not expected:
+        return None
+    try:
+        held = held_files(publisher_for(where), where, repo)
+    except (OSError, PublishError):
+        return None
+    return unlisted(expected, held, manifest=REPO_MANIFEST)
 
 
 # (destination, repo id) -> the repo's quantforge.json (None: none there), read once per process: `build` asks
@@ -296,19 +333,28 @@ def check_published(step: Step, manifest: dict[str, Any]) -> Reason | None:
 _RECORDS: dict[tuple[str, str], dict[str, Any] | None] = {}
 
 
-def published_record(step: Step) -> Published:
-    """What the destination records of the last publication of `step`'s repo (see core.step.Published)."""
-    where, repo = destination(step), step.params["repo_id"]
+def _record(where: str, repo: str) -> dict[str, Any] | None:
     if (where, repo) not in _RECORDS:
         _RECORDS[(where, repo)] = publisher_for(where).read_manifest(repo)
-    manifest = _RECORDS[(where, repo)] or {}
+    return _RECORDS[(where, repo)]
+
+
+def published_record(step: Step, verify: bool = False) -> Published:
+    """What the destination records of the last publication of `step`'s repo (see core.step.Published), and what
+    differs in the copy it holds (a folder's sizes, always; the Hub's only with `verify`: a listing is a request)."""
+    where, repo = destination(step), step.params["repo_id"]
+    manifest = _record(where, repo) or {}
     build = manifest.get("build") or {}
     location = repo if where == "hub" else f"{where[4:]}/{repo}"
     if where.startswith("dir:") and build and not _card_landed(Path(where[4:]) / repo, build.get("card_sha256")):
         build = {}  # a Hub commit is atomic; a folder publish cut short before its card is not a publication
+    problems: list[Reason] = []
+    expected = expected_from_record(manifest) if build.get("key") and (where != "hub" or verify) else None
+    if expected is not None:
+        problems = check_copy(publisher_for(where), where, repo, expected, verify=verify)
     return Published(location=location, key=build.get("key"), steps=build.get("steps") or {},
                      data={"repo_id": repo, "to": step.params["to"], "location": location,
-                           "published": "recorded at the destination"})
+                           "published": "recorded at the destination"}, problems=tuple(problems))
 
 
 def _card_landed(folder: Path, sha256: str | None) -> bool:
@@ -322,3 +368,4 @@ def _card_landed(folder: Path, sha256: str | None) -> bool:
 def forget_published() -> None:
     """Drop what was read of destinations (a long-lived process that publishes from elsewhere too)."""
     _RECORDS.clear()
+    forget_held()

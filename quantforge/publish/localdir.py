@@ -17,13 +17,14 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import PublishError
 from ..store import NO_SPACE, disk_full, sha256_file
 from . import REPO_MANIFEST, PublishResult
+from .copies import HeldFile, folder_listing
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class LocalDirPublisher:
             return None
         return data if isinstance(data, dict) else None
 
-    def missing(self, repo_id: str, files: dict[str, str]) -> list[str]:
-        dest = self.repo_dir(repo_id)
-        # existence only, to keep `plan` cheap; publish() compares hashes before it skips a file
-        return [name for name in files if not (dest / name).is_file()]
+    def held(self, repo_id: str, hashes: Collection[str] = ()) -> dict[str, HeldFile] | None:
+        """The repo folder's files by size (a stat each), sha256 read for the names in `hashes`; publishes' temp
+        files aside. None when there is no such folder."""
+        return folder_listing(self.repo_dir(repo_id), hashes, skip=lambda name: _PARTIAL.fullmatch(name) is not None)
