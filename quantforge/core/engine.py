@@ -37,6 +37,7 @@ class StepResult:
     seconds: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    error_kind: str | None = None  # the error's type (GateFailed, VerificationError, ...): what --json calls it
     hint: str | None = None
     log: str | None = None
     output_dir: str | None = None
@@ -59,7 +60,8 @@ class StepResult:
                                "model": step.model, "format": step.fmt, "type": step.qtype,
                                "stage": kind_info(step.kind).stage,
                                "reasons": [r.to_json() for r in self.reasons], "seconds": self.seconds,
-                               "data": self.data, "error": self.error, "hint": self.hint, "log": self.log,
+                               "data": self.data, "error": self.error, "error_kind": self.error_kind, "hint": self.hint,
+                               "log": self.log,
                                "output_dir": self.output_dir}
         return {k: v for k, v in out.items() if v not in (None, "", [], {})}
 
@@ -109,16 +111,17 @@ class BuildReport:
         }
 
 
-def must_run(plan: Plan, work: WorkDir, *, remote: bool = True) -> dict[str, list[Reason]]:
+def must_run(plan: Plan, work: WorkDir, *, remote: bool = True, verify: bool = False) -> dict[str, list[Reason]]:
     """label -> reasons, for every step that has to run (see the module docstring). `remote`: a step the work dir
-    lacks is up to date when its destination's record carries its key (core/staleness.py)."""
+    lacks is up to date when its destination's record carries its key (core/staleness.py). `verify`: published
+    copies are compared by content, not only by size."""
     dependents: dict[int, list[tuple[Step, str]]] = {id(s): [] for s in plan.steps}
     for step in plan.steps:
         for role, dep in step.inputs.items():
             dependents[id(dep)].append((step, role))
     needed: dict[str, list[Reason]] = {}
     for step in reversed(plan.steps):
-        reasons = stale_reasons(step, work, remote=remote)
+        reasons = stale_reasons(step, work, remote=remote, verify=verify)
         if not reasons:
             continue
         users = dependents[id(step)]
@@ -177,7 +180,7 @@ def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporte
     try:
         with work.locked():
             work.clear_debris()
-            todo = must_run(plan, work, remote=not options.offline)
+            todo = must_run(plan, work, remote=not options.offline, verify=options.verify_published)
             reporter.begin(len(plan.steps), options.dry_run)
             failed: set[str] = set()
             built_here: set[str] = set()
@@ -286,7 +289,8 @@ def _run_step(step: Step, reasons: list[Reason], work: WorkDir, options: BuildOp
             f.write("\n# quantforge: step failed\n")
             traceback.print_exc(file=f)
         result.status = "failed"
-        result.error = str(exc)
+        result.error = str(exc) or type(exc).__name__  # a bare exception still says what it was
+        result.error_kind = type(exc).__name__
         result.hint = getattr(exc, "hint", None)
         result.seconds = round(time.perf_counter() - started, 3)
     return result

@@ -17,10 +17,10 @@ added by hand) is not a reason: `unlisted_files` names it, for `plan` to report.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..core.step import Reason
 from ..errors import PublishError
@@ -45,7 +45,7 @@ class ExpectedFile:
     size: int | None = None  # None: recorded by a quantforge that did not record sizes (then presence is checked)
 
 
-class Holder:
+class Holder(Protocol):
     """What a publisher offers the checks: `held(repo_id, hashes)` -> name -> HeldFile (sha256 read for the names
     in `hashes` where the destination cannot give it for free), or None when there is no such repo."""
 
@@ -137,7 +137,8 @@ def unlisted(expected: Collection[str], held: Mapping[str, HeldFile] | None, *, 
     return sorted(name for name in held or {} if name not in expected and name != manifest and judged(name))
 
 
-def folder_listing(folder: Path, hashes: Collection[str], skip: Any) -> dict[str, HeldFile] | None:
+def folder_listing(folder: Path, hashes: Collection[str],
+                   skip: Callable[[str], bool]) -> dict[str, HeldFile] | None:
     """A folder repo's files (`skip(name)`: a file not to list, e.g. a publish's temp file), sizes from a stat and
     sha256 read for the names in `hashes` (memoized by size and modification time in this process)."""
     if not folder.is_dir():

@@ -105,8 +105,11 @@ def adhoc(method: str, path: Path, source: Step, evaluation: EvalSteps, context:
         raise BadInputError(f"{path}: config.json has quant_method {found!r}; expected gptq or awq")
     if found != method:
         return None
-    digest = context.memo(f"local:{path}", lambda: local_digest(path, list(DEFAULT_ALLOW_PATTERNS),
-                                                                 context.work.root))
+    try:
+        digest = context.memo(f"local:{path}", lambda: local_digest(path, list(DEFAULT_ALLOW_PATTERNS),
+                                                                     context.work.root))
+    except OSError as exc:  # a file that cannot be read (permissions, a broken link)
+        raise BadInputError(f"{path}: cannot read {exc.filename or 'a file'}: {exc.strerror or exc}") from None
     # keyed by content alone: the same folder evaluated from elsewhere is the same artifact
     artifact = Step(kind="checkpoint.external", label=f"{path.name}:artifact", params={"digest": digest},
                     local={"path": str(path)})
