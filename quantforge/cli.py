@@ -97,10 +97,14 @@ def _plan(targets_file: Path, work_dir: Path, only: str | None, offline: bool, l
 @app.command()
 def validate(targets_file: TargetsArg) -> None:
     """Check a targets file; print every problem with its file, line and key."""
+    from .errors import ConfigIssue
     from .pipeline import load_targets
+    from .steps.source import local_source_gaps
 
     try:
         targets = load_targets(targets_file)
+        if gaps := local_source_gaps(targets):  # a local folder must hold what a build reads
+            raise ConfigError([ConfigIssue(str(targets_file), None, f"models[{i}].source", g) for i, g in gaps])
     except QuantforgeError as exc:
         raise _fail(exc) from None
     n = sum(m.formats.settings(f).artifact_count() for m in targets.models for f in m.formats.enabled())
@@ -123,7 +127,7 @@ def plan(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only
     """Show every step and whether it is up to date, and why not."""
     from .console import reason_text
     from .core.engine import must_run
-    from .publish import unlisted_files
+    from .publish import unlisted_warnings
     from .steps.memory import memory_plan
 
     with _exits(json_output, steps=[]):
@@ -136,11 +140,7 @@ def plan(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only
             typer.echo(json.dumps(matrix_of(the_plan, todo, every_model=every_model), separators=(",", ":")))
             return
         memory = memory_plan(the_plan.steps)  # expected peak of each heavy step against what is free now
-        # files a published repo holds that its publication does not list (another build's types, a person's)
-        warnings = [{"step": s.label, "repo_id": s.params["repo_id"], "unlisted": names,
-                     "message": f"{s.params['repo_id']} holds {', '.join(names)}, which its publication does not "
-                                "list (left by a build of other types, or added by hand)"}
-                    for s in the_plan.steps if s.kind == "publish" and (names := unlisted_files(s, work))]
+        warnings = unlisted_warnings(the_plan.steps, work)  # files a repo holds that its publication does not list
     if json_output:
         rows = [{"label": s.label, "kind": s.kind, "key": s.key, "model": s.model, "format": s.fmt, "type": s.qtype,
                  "status": "stale" if s.label in todo else "up-to-date",
@@ -282,14 +282,13 @@ def eval_(artifact: Annotated[Path, typer.Argument(help="A GGUF file, or a GPTQ/
     """Measure a GGUF or a GPTQ/AWQ checkpoint against its source model: PPL, ΔPPL, KLD, top-1, tokenizer."""
     from pydantic import ValidationError
 
-    from .config.schema import EvaluationSettings
+    from .config.schema import EvaluationSettings, check_gate_limit
     from .console import make_reporter
     from .core.engine import run_plan
     from .core.step import BuildOptions, PlanContext
     from .errors import BadInputError
-    from .figures import format_num, format_pct
     from .pipeline import plan_adhoc
-    from .report import artifact_status, first_error
+    from .report import artifact_status, evaluation_line, first_error
     from .store import WorkDir, finite_json
 
     with _exits(json_output, artifact=str(artifact), status="failed"):
@@ -299,6 +298,11 @@ def eval_(artifact: Annotated[Path, typer.Argument(help="A GGUF file, or a GPTQ/
             settings = EvaluationSettings(dataset=dataset, ctx=ctx, chunks=chunks)
         except ValidationError as exc:
             raise BadInputError("; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())) from None
+        for table, limit in (("max_ppl_increase", max_ppl_increase), ("max_kld", max_kld)):
+            try:  # the bounds a targets file's gates have
+                check_gate_limit(table, limit or 0.0)
+            except ValueError as exc:
+                raise BadInputError(f"--{table.replace('_', '-')}: {exc}") from None
         work = WorkDir(work_dir)
         context = PlanContext(work=work, offline=offline)
         the_plan = plan_adhoc(artifact, source, revision, settings, context, max_ppl_increase, max_kld)
@@ -315,13 +319,7 @@ def eval_(artifact: Annotated[Path, typer.Argument(help="A GGUF file, or a GPTQ/
                                **{k: v for k, v in status.items() if k != "gate"}, "gate": gate_text,
                                "error": first_error(data)}, indent=2, allow_nan=False))
     elif evaluation.get("data"):
-        d = evaluation["data"]
-        parity = d.get("tokenizer") or {}
-        typer.echo(f"{artifact.name}: PPL {format_num(d['ppl'], 4)} ± {format_num(d['ppl_err'], 4)} (source "
-                   f"{format_num(d['source_ppl'], 4)}, ΔPPL {format_pct(d['delta_ppl'])}), KLD "
-                   f"{format_num(d['kld_mean'], 5)} (p99 {format_num(d['kld_p99'], 5)}), top-1 "
-                   f"{format_pct(d['top1'], signed=False)}, {d['tokens_scored']} tokens scored; tokenizer "
-                   f"{'matches' if parity.get('same', True) else 'DIFFERS: ' + parity['first_difference']}")
+        typer.echo(evaluation_line(artifact.name, evaluation["data"]))
         if gate.get("error"):
             typer.echo(f"error: {gate['error']}", err=True)
     raise typer.Exit(0 if result.ok else 1)

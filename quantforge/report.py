@@ -69,6 +69,16 @@ def print_summary(data: dict[str, Any], report_path: Path) -> None:
     console.print(f"{verdict}: {counts} in {data['seconds']:.1f} s; report {report_path}")
 
 
+def evaluation_line(name: str, d: dict[str, Any]) -> str:
+    """`quantforge eval`'s one line: an artifact's measurements against its source."""
+    parity = d.get("tokenizer") or {}
+    return (f"{name}: PPL {format_num(d['ppl'], 4)} ± {format_num(d['ppl_err'], 4)} (source "
+            f"{format_num(d['source_ppl'], 4)}, ΔPPL {format_pct(d['delta_ppl'])}), KLD "
+            f"{format_num(d['kld_mean'], 5)} (p99 {format_num(d['kld_p99'], 5)}), top-1 "
+            f"{format_pct(d['top1'], signed=False)}, {d['tokens_scored']} tokens scored; tokenizer "
+            f"{'matches' if parity.get('same', True) else 'DIFFERS: ' + parity['first_difference']}")
+
+
 def artifact_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per built artifact: what a person wants to see after a build. An artifact's steps are found by
     the model, format and type each step carries, and by their stage (artifact, verify, evaluate, gate)."""

@@ -80,7 +80,7 @@ def test_a_child_whose_parent_died_before_it_was_told_dies_at_once():
 TARGETS = """
 defaults:
   publish: {{to: "dir:./out", namespace: t}}
-  evaluation: {{ctx: 64, chunks: 2, max_ppl_increase: {{gguf: 1000, gptq: 1000}}}}
+  evaluation: {{ctx: 64, chunks: 2, max_ppl_increase: {{gguf: 10, gptq: 10}}}}
   calibration: {{samples: 4, seq_len: 32}}
 models:
   - name: t

@@ -115,7 +115,7 @@ def test_only_our_own_temp_files_of_finished_writers_are_debris(tmp_path):
 TARGETS = """
 defaults:
   publish: {{to: {to}, namespace: t}}
-  evaluation: {{ctx: 64, chunks: 2, max_ppl_increase: {{gguf: 1000}}, tokenizer_check: false}}
+  evaluation: {{ctx: 64, chunks: 2, max_ppl_increase: {{gguf: 10}}, tokenizer_check: false}}
 models:
   - name: t
     source: {source}

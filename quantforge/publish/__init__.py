@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from .hub import PreuploadedFile
 
 __all__ = ["CARD_FILE", "REPO_MANIFEST", "PublishResult", "Publisher", "publish_step", "release_warnings",
-           "render_card", "run_publish", "unlisted_files"]
+           "render_card", "run_publish", "unlisted_files", "unlisted_warnings"]
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +326,14 @@ def unlisted_files(step: Step, work: WorkDir) -> list[str] | None:
     except (OSError, PublishError):
         return None
     return unlisted(expected, held, manifest=REPO_MANIFEST)
+
+
+def unlisted_warnings(steps: Sequence[Step], work: WorkDir) -> list[dict[str, Any]]:
+    """`plan`'s warnings: per publish step whose repo holds files its publication does not list, which."""
+    return [{"step": s.label, "repo_id": s.params["repo_id"], "unlisted": names,
+             "message": f"{s.params['repo_id']} holds {', '.join(names)}, which its publication does not list (left "
+                        "by a build of other types, or added by hand)"}
+            for s in steps if s.kind == "publish" and (names := unlisted_files(s, work))]
 
 
 # (destination, repo id) -> the repo's quantforge.json (None: none there), read once per process: `build` asks

@@ -65,6 +65,11 @@ class CheckpointSettings(Protocol):
 
 def plan_checkpoint(method: str, target: CheckpointSettings, model: ModelTarget, source: Step,
                     evaluation: EvalSteps, context: PlanContext, calibration) -> PlannedFormat:
+    hidden = hidden_size(source)
+    if hidden is not None and target.group_size > hidden:  # every layer reading the hidden state would misfit
+        raise BadInputError(f"{model.name}: formats.{method}.group_size {target.group_size} is larger than the "
+                            f"model's hidden size {hidden} (config.json); use -1 (one group per row) or a size that "
+                            "divides it, such as 32, 64 or 128")
     tools = {"gptqmodel": context.memo("gptqmodel", gptqmodel.gptqmodel_version)}
     calib = calibration(dataset=target.dataset, samples=target.samples, seq_len=target.seq_len)
     quantize = Step(kind=f"{method}.quantize", label=f"{model.name}/{method}:quantize",
@@ -80,6 +85,23 @@ def plan_checkpoint(method: str, target: CheckpointSettings, model: ModelTarget,
                      DEFAULT_MAX_PPL_INCREASE_BY_BITS.get(target.bits), context.enforce_gates, model.name)
     return PlannedFormat(steps=[quantize, verify, evaluate, gate],
                          publishable=[Publishable(method, quantize, gate)])
+
+
+def hidden_size(source: Step) -> int | None:
+    """The source model's hidden size from its config.json, where that is on this machine at plan time (a local
+    folder, or a Hub source's file in the HF cache); None otherwise."""
+    folder = source.local.get("folder")
+    if folder:
+        config_file: str | Path | None = Path(folder) / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        config_file = try_to_load_from_cache(source.params["source"], "config.json", revision=source.params["commit"])
+    try:
+        config = json.loads(Path(config_file).read_text()) if isinstance(config_file, str | Path) else {}
+        return int(config.get("text_config", config)["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def evaluate_step(label: str, artifact: Step, evaluation: EvalSteps, source: Step, context: PlanContext,
