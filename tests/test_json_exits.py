@@ -241,3 +241,21 @@ def test_eval_of_an_artifact_that_fails_before_its_gate_says_which_step_and_why(
     assert document["status"] == "failed" and document["step"] == "empty.gguf:evaluate"
     assert document["gate"] is None  # never reached, not "pass"
     assert document["error"]["kind"] == "VerificationError" and "empty.gguf" in document["reason"]
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["plan", "t.yaml", "--work-dir", "a-file"], "is a file, not a folder"),
+    (["build", "t.yaml", "--work-dir", "a-file"], "is a file, not a folder"),
+    (["build", "t.yaml", "--only", "nobody"], "no model 'nobody'"),
+    (["push", "t.yaml", "--to", "ftp:x"], "--to ftp:x: expected hub, or dir:PATH"),
+    (["plan", "/dev/zero"], "larger than 256 KB"),
+    (["eval", "x.gguf", "--source", "ck", "--ctx", "3"], "--ctx: Input should be greater than or equal to 16"),
+    (["eval", "x.gguf", "--source", "ck", "--max-kld", "inf"], "--max-kld: must be >= 0 and finite"),
+])
+def test_user_mistakes_are_one_json_error_each(tmp_path, args, says):
+    fake_checkpoint(tmp_path / "ck")
+    (tmp_path / "t.yaml").write_text("models:\n  - {name: m, source: ./ck, formats: {gguf: {types: [Q8_0]}}}\n")
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    proc, document = quantforge(*args, "--json", cwd=tmp_path)
+    assert proc.returncode == 2 and document["ok"] is False and says in document["error"]["message"], proc.stderr
