@@ -9,7 +9,9 @@ steps' manifests.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,9 @@ HUB_URL = "https://huggingface.co"  # repo links in cards and GGUF metadata name
 EXAMPLE_CHAT = ({"role": "user", "content": "What is the capital of France?"},
                 {"role": "assistant", "content": "The capital of France is Paris."})
 
-__all__ = ["CARD_FILE", "HUB_URL", "calibration_desc", "card_template_version", "chat_example", "eval_desc",
-           "hub_url", "measured", "public_text_name", "release_info", "render_card", "repo_id"]
+__all__ = ["CARD_FILE", "HUB_URL", "SourceFacts", "calibration_desc", "card_template_version", "chat_example",
+           "eval_desc", "hub_url", "measured", "public_text_name", "release_info", "render_card", "repo_id",
+           "source_facts"]
 
 
 def repo_id(model: ModelTarget, fmt: str) -> str:
@@ -59,6 +62,45 @@ def public_text_name(spec: str) -> str:
     if source.kind != "file":
         return spec
     return "file:" + ",".join(Path(p).name for p in source.paths)
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """What cards and repo files say of the source, read once from its files by the source step and kept in its
+    data: a publish that only re-renders a card (a gate or the template changed) then needs the source step's
+    recorded data, not its files."""
+
+    card_meta: dict[str, Any] = field(default_factory=dict)  # the source card's front matter
+    card_text: str = ""  # the source card without its front matter
+    chat_template: str | None = None
+    chat_example: str | None = None  # the template applied to EXAMPLE_CHAT by transformers
+    generation_config: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SourceFacts:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    @classmethod
+    def read(cls, path: Path) -> SourceFacts:
+        meta, text = source_card(path)
+        try:
+            generation = json.loads((path / GENERATION_CONFIG).read_text())
+        except (OSError, ValueError):
+            generation = {}
+        return cls(meta, text, read_chat_template(path), chat_example(path),
+                   generation if isinstance(generation, dict) else {})
+
+
+def source_facts(source: StepOutput) -> SourceFacts:
+    """A source step's facts: from its data, or (an output made before the facts were kept) from its files."""
+    data = source.data
+    return SourceFacts.from_json(data["facts"]) if "facts" in data else SourceFacts.read(Path(data["path"]))
 
 
 def card_template(template: str) -> str:
@@ -90,9 +132,9 @@ def render_card(template: str, source: StepOutput, namespace: str, library_name:
 
     release = release or ReleaseInfo()
     params = source.params
-    source_dir = Path(source.data["path"])
-    is_hub = "commit" in params
-    meta, text = source_card(source_dir)
+    facts = source_facts(source)
+    is_hub = "digest" not in params  # a local source is keyed by its content digest, a Hub one by its files' ids
+    meta = facts.card_meta
     base_model = release.base_model or (params["source"] if is_hub else None)
     # a declared licence comes with its own name and link; otherwise all three are the source card's
     licence = release if release.license else ReleaseInfo(license=meta.get("license"),
@@ -113,10 +155,10 @@ def render_card(template: str, source: StepOutput, namespace: str, library_name:
     card = ModelCard.from_template(
         data, template_str=card_template(template), source=params["source"] if is_hub else None,
         source_url=hub_url(params["source"]) if is_hub else None,
-        source_revision=params.get("commit") or params.get("digest", "")[:16],
+        source_revision=source.data.get("commit") or params.get("digest", "")[:16],
         base_model=base_model, base_model_url=hub_url(base_model) if base_model else None,
         siblings=[{"format": fmt.upper(), "repo_id": repo, "url": hub_url(repo)} for fmt, repo in release.siblings],
-        chat_template=read_chat_template(source_dir), chat_example=chat_example(source_dir), source_card=text,
+        chat_template=facts.chat_template, chat_example=facts.chat_example, source_card=facts.card_text,
         quantforge_version=__version__, build_date=time.strftime("%Y-%m-%d", time.gmtime()), **variables,
     )
     return str(card)
@@ -139,7 +181,18 @@ def measured(artifact: dict[str, Any], gate: dict[str, Any]) -> dict[str, str]:
         "delta_ppl": format_pct(gate.get("delta_ppl")),
         "kld": f"{gate['kld_mean']:.4f}" if "kld_mean" in gate else "-",
         "top1": format_pct(gate.get("top1"), signed=False, digits=1),
+        "gate": gate_desc(gate.get("gate") or {}),
     }
+
+
+def gate_desc(outcome: dict[str, Any]) -> str:
+    """The limits an artifact was published under (its gate step's outcome), as the cards print them."""
+    limits = ([f"ΔPPL ≤ {format_pct(outcome['max_ppl_increase'], digits=1)}"]
+              if outcome.get("max_ppl_increase") is not None else []) + \
+             ([f"KLD ≤ {outcome['max_kld']:g}"] if outcome.get("max_kld") is not None else [])
+    if outcome and not outcome.get("enforced", True):
+        return "not enforced (--no-gate)" + ("; missed" if not outcome.get("passed", True) else "")
+    return ", ".join(limits) or "-"
 
 
 def eval_desc(tokens: StepOutput | None) -> str:

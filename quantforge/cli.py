@@ -134,6 +134,11 @@ def plan(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only
         the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp)
         # a step the work dir lacks may be up to date by its repo's record (one request per repo; not --offline)
         todo = must_run(the_plan, work, remote=not (offline or ignore_published), verify=verify_published)
+        if not (offline or ignore_published):
+            from .steps.source import same_files_notes
+
+            for note in same_files_notes(s for s in the_plan.steps if s.label not in todo):
+                typer.echo(f"note: {note}", err=True)
         if github_matrix:
             from .nightly import github_matrix as matrix_of
 
@@ -175,6 +180,9 @@ def build(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, onl
                                          "(default: $QUANTFORGE_EVICT, else off).")] = None,
           no_disk_check: Annotated[bool, typer.Option("--no-disk-check", help="Start even when the expected peak "
                                                       "disk use exceeds the free space.")] = False,
+          keep_removed: Annotated[bool, typer.Option("--keep-removed", help="Keep the published files of types "
+                                                     "no longer in the targets file (default: a publish deletes "
+                                                     "those its repo's quantforge.json lists).")] = False,
           json_output: JsonOpt = False, offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None,
           ignore_published: IgnorePublishedOpt = False, verify_published: VerifyOpt = False) -> None:
     """Build every stale artifact, check it against its source, and publish what passes."""
@@ -197,7 +205,8 @@ def build(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, onl
             if not no_memory_check:  # refuse what cannot fit, rather than be killed half-way
                 check_fits(s for s in the_plan.steps if s.label in todo)
         options = BuildOptions(keep_going=keep_going, dry_run=dry_run, threads=threads, llama_cpp_dir=llama_cpp,
-                               offline=offline or ignore_published, evict=evict, verify_published=verify_published)
+                               offline=offline or ignore_published, evict=evict, keep_removed=keep_removed,
+                               verify_published=verify_published)
         result = run_plan(the_plan, work, options, make_reporter(json_output))
         _finish(result, work, json_output)
 

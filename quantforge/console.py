@@ -42,6 +42,8 @@ def reason_text(reason: Reason) -> str:
             return f"input failed: {', '.join(reason.new or [])}"
         case "stopped":
             return "the build stopped"
+        case "redescribe":
+            return f"output made by an older quantforge, without its {reason.new}; described again"
         case "moved":
             return f"same content, now at {reason.new}"
         case "published-changed":

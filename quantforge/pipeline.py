@@ -53,7 +53,7 @@ def build_plan(targets: Targets, context: PlanContext) -> Plan:
                                              calibration)
             # to the Hub, each artifact is uploaded right after its gate: with --evict it is gone before the next
             uploads = upload_steps(model, fmt_name, planned.publishable)
-            after_gate = {id(upload.inputs["gate"]): upload for upload in uploads}
+            after_gate = {id(upload.after[0]): upload for upload in uploads}
             for step in planned.steps:
                 steps += [step, after_gate[id(step)]] if id(step) in after_gate else [step]
             steps.append(publish_step(model, fmt_name, planned.publishable, src, evaluation.tokens, targets,

@@ -46,6 +46,8 @@ class HubServer:
         self.lfs: dict[str, bytes] = {}
         self.requests: list[tuple[str, str, str | None]] = []
         self.faults: list[list] = []  # [method, path fragment, action, remaining]
+        self.bytes_in = 0  # request bodies received (uploads, commits)
+        self.bytes_out = 0  # response bodies sent (downloads, listings)
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.httpd.server_port}"
@@ -95,7 +97,10 @@ class HubServer:
                 pass
 
             def _body(self) -> bytes:
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with server.lock:
+                    server.bytes_in += len(body)
+                return body
 
             def _send(self, status: int, payload=None, headers: dict | None = None) -> None:
                 body = json.dumps(payload).encode() if payload is not None else b""
@@ -106,6 +111,8 @@ class HubServer:
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(body)
+                with server.lock:
+                    server.bytes_out += len(body)
 
             def _fault(self) -> bool:
                 path = urlparse(self.path).path
@@ -158,8 +165,10 @@ class HubServer:
                                  **({"lfs": {"oid": f["lfs"], "size": f["size"], "pointerSize": 130}}
                                     if f["lfs"] else {})} for p, f in sorted(files.items())])
                         return self._send(200, {"id": repo_id, "sha": sha, "private": repo.private,
-                                                "siblings": [{"rfilename": p, "size": f["size"]}
-                                                             for p, f in sorted(files.items())]})
+                                                "siblings": [
+                            {"rfilename": p, "size": f["size"], "blobId": f["blob"],
+                             **({"lfs": {"sha256": f["lfs"], "size": f["size"], "pointerSize": 130}}
+                                if f["lfs"] else {})} for p, f in sorted(files.items())]})
                     if action == "preupload":
                         return self._preupload(repo, json.loads(self._body()))
                     if action == "commit":
@@ -202,6 +211,8 @@ class HubServer:
                 self.end_headers()
                 if self.command == "GET":
                     self.wfile.write(content)
+                    with server.lock:
+                        server.bytes_out += len(content)
 
             def _create(self, body: dict) -> None:
                 repo_id = f"{body['organization']}/{body['name']}"
@@ -234,7 +245,7 @@ class HubServer:
 
             def _commit(self, repo_id: str, repo: Repo, body: bytes) -> None:
                 lines = [json.loads(line) for line in body.splitlines() if line.strip()]
-                changes = {}
+                changes, deleted = {}, []
                 for line in lines:
                     value = line["value"]
                     if line["key"] == "file":
@@ -247,17 +258,25 @@ class HubServer:
                         content = server.lfs[value["oid"]]
                         changes[value["path"]] = {"size": len(content), "lfs": value["oid"], "content": None,
                                                   "blob": blob_sha1(f"oid sha256:{value['oid']}".encode())}
+                    elif line["key"] == "deletedFile":
+                        if value["path"] not in repo.files:
+                            return self._send(404, {"error": f"{value['path']} does not exist"},
+                                              {"X-Error-Code": "EntryNotFound"})
+                        deleted.append(value["path"])
                 header = next(line["value"] for line in lines if line["key"] == "header")
-                oid = _apply(repo_id, repo, changes, header["summary"])
+                oid = _apply(repo_id, repo, changes, header["summary"], deleted)
                 return self._send(200, {"commitUrl": f"{server.url}/{repo_id}/commit/{oid}", "commitOid": oid,
                                         "success": True})
 
         return Handler
 
 
-def _apply(repo_id: str, repo: Repo, changes: dict[str, dict], summary: str) -> str:
-    """Commit `changes` to `repo`; the new commit's oid."""
-    oid = hashlib.sha1(json.dumps([repo_id, len(repo.commits), sorted(changes)]).encode()).hexdigest()
+def _apply(repo_id: str, repo: Repo, changes: dict[str, dict], summary: str, deleted: list[str] = ()) -> str:
+    """Commit `changes` and the deletion of `deleted` to `repo`; the new commit's oid."""
+    oid = hashlib.sha1(json.dumps([repo_id, len(repo.commits), sorted(changes), sorted(deleted)]).encode()).hexdigest()
     repo.files.update(changes)
-    repo.commits.append({"oid": oid, "summary": summary, "files": sorted(changes), "snapshot": dict(repo.files)})
+    for name in deleted:
+        repo.files.pop(name, None)
+    repo.commits.append({"oid": oid, "summary": summary, "files": sorted(changes), "deleted": sorted(deleted),
+                         "snapshot": dict(repo.files)})
     return oid

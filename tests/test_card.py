@@ -13,8 +13,9 @@ def _outputs(tmp_path, *, hub: bool):
     src_dir.mkdir()
     (src_dir / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: [en]\n---\n# Tiny\n\nA small model.\n")
     (src_dir / "chat_template.jinja").write_text("{{ messages }}")
-    params = {"source": "org/tiny", "commit": SHA} if hub else {"source": str(src_dir), "digest": "d" * 64}
-    source = StepOutput(src_dir, {"params": params, "data": {"path": str(src_dir)}})
+    params = {"source": "org/tiny", "files": {"model.safetensors": "e" * 64}} if hub else \
+        {"source": str(src_dir), "digest": "d" * 64}
+    source = StepOutput(src_dir, {"params": params, "data": {"path": str(src_dir), **({"commit": SHA} if hub else {})}})
     tokens = StepOutput(tmp_path, {"params": {"dataset": "builtin", "ctx": 512, "chunks": 32}})
 
     def artifact(qtype: str, size: int, delta: float, fallbacks: int):

@@ -175,3 +175,40 @@ def test_a_commit_naming_an_upload_the_hub_no_longer_holds_is_a_clear_error(hub,
         publisher(hub).publish("acme/m-GGUF", {"README.md": files["README.md"]}, private=False, message="m",
                                preuploaded=sent)
     assert info.value.names == ["model-Q8_0.gguf"] and hub.repos["acme/m-GGUF"].commits == []
+
+
+def test_recorded_files_are_compared_not_read_and_removed_types_are_deleted(hub, repo_files, tmp_path):
+    from quantforge.publish.record import file_entries, known_blobs, removed_files
+
+    first = repo_files(**{"params": b'{"temperature": 0.7}\n'})
+    publisher(hub).publish("acme/m-GGUF", first, private=False, message="one")
+    hub.seed("acme/m-GGUF", _folder(tmp_path / "by-hand", {"NOTES.md": b"a person's file\n"}), "by hand")
+    previous = {"files": file_entries({k: v for k, v in first.items()}, {}, None)}
+    # the next build made a new card and no longer declares Q4_K_M; Q8_0 and `params` were recorded, not built:
+    # their bytes are not on this machine
+    gone = tmp_path / "not-here"
+    now = {"model-Q8_0.gguf": (gone / "model-Q8_0.gguf", first["model-Q8_0.gguf"][1]),
+           "params": (gone / "params", first["params"][1]),
+           **{k: v for k, v in repo_files(**{"README.md": b"# card v2\n"}).items()
+              if k in ("README.md", "quantforge.json")}}
+    entries = file_entries(now, {}, previous)
+    assert entries["params"]["blob"] == previous["files"]["params"]["blob"]  # kept from the record
+    removed = removed_files(previous, entries)
+    assert removed == ["model-Q4_K_M.gguf"]
+    result = publisher(hub).publish("acme/m-GGUF", now, private=False, message="two", delete=removed,
+                                    blobs=known_blobs(entries))
+    repo = hub.repos["acme/m-GGUF"]
+    assert repo.commits[-1]["files"] == ["README.md"] and repo.commits[-1]["deleted"] == ["model-Q4_K_M.gguf"]
+    assert sorted(repo.files) == ["NOTES.md", "README.md", "model-Q8_0.gguf", "params", "quantforge.json"]
+    assert result.deleted == ["model-Q4_K_M.gguf"] and set(result.unchanged) >= {"model-Q8_0.gguf", "params"}
+    # a recorded file whose copy on the Hub changed since cannot be restored from here: a clear error
+    with pytest.raises(PublishError, match="params is not what its record says"):
+        publisher(hub).publish("acme/m-GGUF", {**now, "params": (gone / "params", "0" * 64)}, private=False,
+                               message="three", blobs={"params": "1" * 40})
+
+
+def _folder(path, files: dict[str, bytes]):
+    path.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (path / name).write_bytes(content)
+    return path

@@ -4,7 +4,7 @@ huggingface_hub client) that serves tiny models as sources and takes the publish
 
     first night     every model is built and published
     second night    nothing changed: the plan's matrix is empty, at one request per model and one per repo
-    source moves    exactly that model's leg appears
+    source moves    exactly that model's leg appears (a commit that changes a file builds read)
     a gate fails    that leg's repo is left as it was, the other publishes, the summary fails and says why
 """
 
@@ -53,12 +53,13 @@ class Nightly:
         self.root, self.hub = root, hub
         self.targets = targets
         self.matrix: dict = {}
+        self.extra_env: dict[str, str] = {}  # for every job of the night
 
     def env(self, job: Path, **extra: str) -> dict[str, str]:
         return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                 "HF_ENDPOINT": self.hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(job / ".hf"),
                 "TARGETS": "targets.yaml", "ONLY": "", "FORCE": "", "GITHUB_OUTPUT": str(job / "outputs"),
-                "GITHUB_STEP_SUMMARY": str(job / "summary.md"), **extra}
+                "GITHUB_STEP_SUMMARY": str(job / "summary.md"), **self.extra_env, **extra}
 
     def checkout(self, name: str) -> Path:
         job = self.root / name
@@ -73,6 +74,7 @@ class Nightly:
     def plan(self) -> list[str]:
         job = self.checkout("plan")
         proc = self.run(step_script("plan", step_id="plan"), job)
+        (job / "stderr.log").write_text(proc.stderr)
         assert proc.returncode == 0, proc.stderr
         outputs = dict(line.split("=", 1) for line in (job / "outputs").read_text().splitlines())
         self.matrix = json.loads(outputs["matrix"])
@@ -139,6 +141,7 @@ def test_nightlies_build_what_changed_and_only_that(hub, tmp_path, tiny_models):
     moved = tmp_path / "moved"
     shutil.copytree(tiny_models("llama"), moved)
     (moved / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a new commit\n")
+    (moved / "generation_config.json").write_text('{"temperature": 0.7, "top_p": 0.9}\n')  # a file builds read
     hub.seed("org/src-a", moved, "a new commit")
     third = Nightly(tmp_path / "night-3", hub, TARGETS)
     assert third.plan() == ["a"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -60,10 +61,33 @@ def test_plan_order_and_labels(write_targets, tmp_path):
                                *artifact_steps("Q4_K_M"), *artifact_steps("Q8_0"), "m/gguf:publish"]
 
 
-def test_new_source_revision_makes_exactly_that_models_steps_stale(write_targets, tmp_path):
+def cache_snapshot(cache: Path, repo_id: str, commit: str, files: dict[str, bytes]) -> None:
+    """A snapshot laid out as huggingface_hub's cache keeps one: each file a link to a blob named by its id."""
+    import hashlib
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    for name, content in files.items():
+        blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(content)
+        link = repo / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+
+
+def test_a_source_is_keyed_by_the_files_a_build_reads_not_its_commit(write_targets, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    weights = {"config.json": b"{}", "model.safetensors": b"w1"}
+    cache_snapshot(cache, "org/m", SHA1, {**weights, "README.md": b"# one"})
+    cache_snapshot(cache, "org/m", SHA2, {**weights, "README.md": b"# two: only the card changed"})
+    cache_snapshot(cache, "org/m", "3" * 40, {**weights, "model.safetensors": b"w2"})
     before = plan_keys(write_targets, tmp_path)
     assert changed(before, plan_keys(write_targets, tmp_path)) == set()  # deterministic
-    assert changed(before, plan_keys(write_targets, tmp_path, rev=SHA2)) == M_ALL
+    assert changed(before, plan_keys(write_targets, tmp_path, rev=SHA2)) == set()  # a new commit, the same files
+    assert changed(before, plan_keys(write_targets, tmp_path, rev="3" * 40)) == M_ALL  # new weights
 
 
 def test_adding_a_type_adds_its_steps_and_republishes_only(write_targets, tmp_path):

@@ -125,7 +125,8 @@ def test_a_declared_licence_wins_over_the_hub_source_card_and_the_hub_source_is_
     src = tmp_path / "snapshot"
     src.mkdir()
     (src / "README.md").write_text("---\nlicense: mit\n---\n# Tiny\n")
-    source = StepOutput(src, {"params": {"source": "org/tiny", "commit": "a" * 40}, "data": {"path": str(src)}})
+    source = StepOutput(src, {"params": {"source": "org/tiny", "files": {"model.safetensors": "e" * 64}},
+                              "data": {"path": str(src), "commit": "a" * 40}})
     figures = {"Q8_0": FIGURES["Q8_0"]}
     plain = ModelCard(render_gguf_card(repo_id="acme/tiny-GGUF", model="tiny", namespace="acme", source=source,
                                        artifacts=artifacts(tmp_path, figures), tokens=None))
@@ -160,7 +161,7 @@ def test_the_prompt_format_is_shown_rendered_beside_the_jinja(tmp_path, tiny_mod
 ])
 def test_ollama_params_come_from_the_generation_config(tmp_path, config, expected):
     (tmp_path / "generation_config.json").write_text(json.dumps(config))
-    assert ollama_params(sampling_defaults(tmp_path)) == expected
+    assert ollama_params(sampling_defaults(StepOutput(tmp_path, {"data": {"path": str(tmp_path)}}))) == expected
 
 
 def test_nothing_published_names_a_local_directory(tmp_path):

@@ -23,7 +23,7 @@ from ..store import MANIFEST, NO_SPACE, WorkDir, disk_full, sha256_file
 from ..toolchains.worker import close_served_workers
 from .plan import Plan, evictable_inputs, file_readers
 from .registry import kind_info
-from .staleness import published_record, stale_reasons
+from .staleness import published_record, recorded_outputs, stale_reasons, upstream_steps
 from .step import BuildOptions, Reason, Step, StepContext, StepOutput
 
 log = logging.getLogger(__name__)
@@ -111,22 +111,30 @@ class BuildReport:
         }
 
 
-def must_run(plan: Plan, work: WorkDir, *, remote: bool = True, verify: bool = False) -> dict[str, list[Reason]]:
+def must_run(plan: Plan, work: WorkDir, *, remote: bool = True, recorded: dict[str, dict[str, Any]] | None = None,
+             verify: bool = False) -> dict[str, list[Reason]]:
     """label -> reasons, for every step that has to run (see the module docstring). `remote`: a step the work dir
-    lacks is up to date when its destination's record carries its key (core/staleness.py). `verify`: published
-    copies are compared by content, not only by size."""
-    dependents: dict[int, list[tuple[Step, str]]] = {id(s): [] for s in plan.steps}
+    lacks is up to date when its destination's record carries its key, and serves the steps that read only its
+    data when the record keeps it (`recorded`, from core/staleness.recorded_outputs unless given). `verify`:
+    published copies are compared by content, not only by size."""
+    if recorded is None:
+        recorded = recorded_outputs(plan.steps) if remote else {}
+    dependents: dict[int, list[tuple[Step, str | None]]] = {id(s): [] for s in plan.steps}
     for step in plan.steps:
         for role, dep in step.inputs.items():
             dependents[id(dep)].append((step, role))
+        for dep in step.after:  # must have run first: as good as read
+            dependents[id(dep)].append((step, None))
     needed: dict[str, list[Reason]] = {}
     for step in reversed(plan.steps):
         reasons = stale_reasons(step, work, remote=remote, verify=verify)
         if not reasons:
             continue
         users = dependents[id(step)]
-        # an output evicted with its manifest kept serves the users that read only its data (Step.data_only)
-        kept = any(role in u.data_only for u, role in users) and work.evicted(step.kind, step.key) is not None
+        # an output evicted with its manifest kept, or one a destination recorded, serves the users that read only
+        # its data (Step.data_only)
+        kept = any(role in u.data_only for u, role in users) and (
+            step.key in recorded or work.evicted(step.kind, step.key) is not None)
         if not users or any(u.label in needed and not (kept and role in u.data_only) for u, role in users):
             needed[step.label] = reasons
     return needed
@@ -158,16 +166,18 @@ def as_json_data(data: Any) -> dict[str, Any]:
     return data.to_json() if hasattr(data, "to_json") else data
 
 
-def load_inputs(step: Step, work: WorkDir, *, made_first: Collection[str] = ()) -> dict[str, StepOutput]:
-    """The committed outputs of a step's inputs (for a role it reads only the data of, what eviction kept of one);
-    BadInputError naming the first that has none. `made_first`: labels of inputs to leave out (a run makes them)."""
+def load_inputs(step: Step, work: WorkDir, *, made_first: Collection[str] = (),
+                recorded: dict[str, dict[str, Any]] | None = None) -> dict[str, StepOutput]:
+    """The committed outputs of a step's inputs (for a role it reads only the data of, what eviction kept of one,
+    or what a destination recorded of it); BadInputError naming the first that has none. `made_first`: labels of
+    inputs to leave out (a run makes them)."""
     inputs = {}
     for role, dep in step.inputs.items():
         if dep.label in made_first:
             continue
         manifest = work.lookup(dep.kind, dep.key)
         if manifest is None and role in step.data_only:
-            manifest = work.evicted(dep.kind, dep.key)
+            manifest = work.evicted(dep.kind, dep.key) or (recorded or {}).get(dep.key)
         if manifest is None:
             raise BadInputError(f"{step.label}: {dep.label} has no output in {work.root} (not built, or it "
                                 "failed); run quantforge build")
@@ -175,12 +185,24 @@ def load_inputs(step: Step, work: WorkDir, *, made_first: Collection[str] = ()) 
     return inputs
 
 
+def upstream_outputs(step: Step, work: WorkDir, recorded: dict[str, dict[str, Any]]) -> dict[str, StepOutput]:
+    """label -> the output (built, evicted or recorded) of every step upstream of `step` that has one."""
+    out = {}
+    for label, dep in upstream_steps(step).items():
+        manifest = work.lookup(dep.kind, dep.key) or work.evicted(dep.kind, dep.key) or recorded.get(dep.key)
+        if dep is not step and manifest is not None:
+            out[label] = StepOutput(work.step_dir(dep.kind, dep.key), manifest)
+    return out
+
+
 def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporter) -> BuildReport:
     report = BuildReport(str(plan.targets.path), str(work.root), time.time(), [], dry_run=options.dry_run)
     try:
         with work.locked():
             work.clear_debris()
-            todo = must_run(plan, work, remote=not options.offline, verify=options.verify_published)
+            recorded = recorded_outputs(plan.steps) if not options.offline else {}
+            todo = must_run(plan, work, remote=not options.offline, recorded=recorded,
+                            verify=options.verify_published)
             reporter.begin(len(plan.steps), options.dry_run)
             failed: set[str] = set()
             built_here: set[str] = set()
@@ -193,6 +215,9 @@ def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporte
                     record = published_record(step) if cached is None and not options.offline else None
                     if record is not None and record.key == step.key:  # published by an earlier build, elsewhere
                         result = StepResult(step, "up-to-date" if options.dry_run else "reused", data=dict(record.data))
+                    elif cached is None and step.key in recorded:  # its data is read from a destination's record
+                        result = StepResult(step, "up-to-date" if options.dry_run else "reused",
+                                            data=dict(recorded[step.key].get("data") or {}))
                     elif cached is None:  # stale, but everything made from it is cached: not needed
                         result = StepResult(step, "not-needed")
                     else:
@@ -203,13 +228,13 @@ def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporte
                     result = StepResult(step, "would-build", reasons=todo[step.label])
                 elif stop:
                     result = StepResult(step, "not-run", reasons=[Reason("stopped")])
-                elif blocked := [d.label for d in step.inputs.values() if d.label in failed]:
+                elif blocked := [d.label for d in (*step.inputs.values(), *step.after) if d.label in failed]:
                     failed.add(step.label)
                     result = StepResult(step, "skipped", reasons=[Reason("input-failed", new=blocked)])
                 else:
                     reporter.step_started(step, todo[step.label])
                     result = _run_step(step, todo[step.label], work, options,
-                                       lambda text, step=step: reporter.step_progress(step, text))
+                                       lambda text, step=step: reporter.step_progress(step, text), recorded)
                     if result.status == "failed":
                         failed.add(step.label)
                         stop = not options.keep_going
@@ -246,19 +271,22 @@ class Evictor:
 
 
 def _run_step(step: Step, reasons: list[Reason], work: WorkDir, options: BuildOptions,
-              progress: Callable[[str], None] = lambda _text: None) -> StepResult:
+              progress: Callable[[str], None] = lambda _text: None,
+              recorded: dict[str, dict[str, Any]] | None = None) -> StepResult:
     log_path = work.log_path(step.label)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     why = json.dumps([r.to_json() for r in reasons], ensure_ascii=False, default=str)
     log_path.write_text(f"# {step.label} (key {step.key[:16]})\n# why: {why}\n")
-    inputs = load_inputs(step, work)  # all built: must_run ran what they needed
+    recorded = recorded or {}
+    inputs = load_inputs(step, work, recorded=recorded)  # all built or recorded: must_run ran what they needed
     started = time.perf_counter()
     log.info("running %s (%s)", step.label, why)
     result = StepResult(step, "built", reasons=reasons, log=str(log_path))
     try:
         with work.staging(step.kind, step.key) as staged:
             ctx = StepContext(step, staged, log_path, inputs, options,
-                              lambda text: progress(f"{text} (log: {log_path})"))
+                              lambda text: progress(f"{text} (log: {log_path})"),
+                              lambda: upstream_outputs(step, work, recorded))
             try:
                 data = as_json_data(kind_info(step.kind).run(step, ctx))
             except Exception as exc:

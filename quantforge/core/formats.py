@@ -88,6 +88,7 @@ class CardInputs:
     artifacts: tuple[BuiltArtifact, ...]
     release: ReleaseInfo = ReleaseInfo()
     extras: tuple[StepOutput, ...] = ()  # outputs of the format's extra steps (PlannedFormat.extras)
+    removed: tuple[str, ...] = ()  # files the publication deletes: types no longer declared
 
 
 @dataclass(frozen=True)

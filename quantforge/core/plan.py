@@ -41,7 +41,7 @@ def with_dependencies(steps: tuple[Step, ...], wanted: Iterable[Step]) -> tuple[
         step = stack.pop()
         if id(step) not in keep:
             keep.add(id(step))
-            stack.extend(step.inputs.values())
+            stack.extend((*step.inputs.values(), *step.after))
     return tuple(s for s in steps if id(s) in keep)
 
 
@@ -82,7 +82,7 @@ def topological(steps: Iterable[Step]) -> tuple[Step, ...]:
         if id(step) in seen:
             return
         seen.add(id(step))
-        for dep in step.inputs.values():
+        for dep in (*step.inputs.values(), *step.after):
             visit(dep)
         ordered.append(step)
 

@@ -3,10 +3,17 @@
 The work dir is asked first. A step it does not hold may still be up to date where its output lives outside the
 work dir: a publish step whose destination's record (quantforge.json) carries its key has nothing to do, and then
 nothing upstream of it has either. That record is what a nightly run with a fresh work dir judges by.
+
+The record also keeps what each step upstream left (kind, key, params, data, file hashes; no files): a step whose
+key it holds is *recorded*. Like an evicted output, a recorded one serves the steps that read only its data
+(Step.data_only), so that on a fresh runner a changed gate re-judges the recorded measurements, a new type builds
+only what it needs, and a new card template re-renders the card, none of them downloading the source or
+uploading an artifact again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..store import WorkDir
@@ -55,16 +62,33 @@ def published_record(step: Step, verify: bool = False) -> Published | None:
     return lookup(step, verify) if lookup else None
 
 
-def upstream_keys(step: Step) -> dict[str, str]:
-    """label -> key of `step` and every step it depends on: what a published record keeps."""
-    out: dict[str, str] = {}
+def recorded_outputs(steps: Iterable[Step]) -> dict[str, dict[str, Any]]:
+    """key -> what a destination recorded of the step with that key (a manifest without files): the outputs a
+    build may read the data of instead of making them, gathered from the records of the publishing steps."""
+    out: dict[str, dict[str, Any]] = {}
+    for step in steps:
+        record = published_record(step)
+        for rec in (record.records if record is not None else {}).values():
+            if isinstance(rec, Mapping) and isinstance(rec.get("key"), str) and isinstance(rec.get("data", {}), dict):
+                out[rec["key"]] = dict(rec)
+    return out
+
+
+def upstream_steps(step: Step) -> dict[str, Step]:
+    """label -> `step` and every step it depends on."""
+    out: dict[str, Step] = {}
     stack = [step]
     while stack:
         current = stack.pop()
         if current.label not in out:
-            out[current.label] = current.key
+            out[current.label] = current
             stack.extend(current.inputs.values())
-    return dict(sorted(out.items()))
+    return out
+
+
+def upstream_keys(step: Step) -> dict[str, str]:
+    """label -> key of `step` and every step it depends on: what a published record keeps."""
+    return dict(sorted((label, s.key) for label, s in upstream_steps(step).items()))
 
 
 def since_published(step: Step, record: Published) -> list[Reason]:

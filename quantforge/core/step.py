@@ -37,6 +37,10 @@ class Step:
     # --evict` may delete such an input's files before this step runs (core/engine.py), and the step then reads the
     # manifest eviction left behind. Not part of the key: it says how the step reads, not what it makes.
     data_only: frozenset[str] = frozenset()
+    # Steps that must have run (and not failed) before this one, though it reads nothing of theirs: an upload waits
+    # for its artifact's gate. Not part of the key: what was uploaded depends on the artifact alone, so a changed
+    # gate does not upload it again.
+    after: tuple[Step, ...] = ()
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -91,6 +95,7 @@ class BuildOptions:
     llama_cpp_dir: str | None = None
     offline: bool = False  # judge by the work dir alone: no look-up of what the destinations record
     evict: bool = False  # delete large outputs (registered evict=True) once every step that reads them has run
+    keep_removed: bool = False  # a publish keeps the files of types no longer declared (default: deletes them)
     verify_published: bool = False  # compare published copies by content, not only by size (publish/copies.py)
 
 
@@ -105,6 +110,9 @@ class StepContext:
     options: BuildOptions
     # a long step says how far it is ("layer 3/30"); the console shows it next to the step's label
     progress: Callable[[str], None] = lambda _text: None
+    # label -> output of every step upstream of this one that has one here (built, evicted or recorded): what a
+    # publish step records of them, so that a later run elsewhere can reuse their data (core/staleness.py)
+    upstream: Callable[[], dict[str, StepOutput]] = dict
 
 
 @dataclass
@@ -131,6 +139,7 @@ class Reason:
           | unpublished (the destination holds no record of a finished quantforge publication)
           | since-published (key: a step's label; new: new | changed | removed, against the published record)
           | moved (new: where a file outside the work dir, keyed by its content, now is)
+          | redescribe (new: what an output made by an older quantforge lacks; its step runs again, same key)
           | published-changed (key: a published file; old: its recorded size or sha256, new: the one found)
     """
 
@@ -164,6 +173,10 @@ class Published:
     key: str | None = None  # None: nothing published there, or published without a record of its keys
     steps: Mapping[str, str] = field(default_factory=dict)  # label -> key of every step upstream
     data: Mapping[str, Any] = field(default_factory=dict)  # what the report shows for the step when it is reused
+    # label -> what the destination recorded of each step upstream (kind, key, params, tools, data, files): a step
+    # whose key is recorded need not run where only its data is read (core/staleness.py, recorded_outputs)
+    records: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    source_commit: str | None = None  # the Hub source's commit the publication was built from (provenance)
     # what differs between the copy the destination holds and what the record lists (publish/copies.py): with the
     # step's key recorded, these are why it runs again
     problems: tuple[Reason, ...] = ()

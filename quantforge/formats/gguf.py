@@ -306,7 +306,7 @@ class GGUF:
                                 source=card.source, tokens=card.tokens,
                                 artifacts={a.name: (a.output, a.gate) for a in card.artifacts},
                                 shards={a.name: list(a.shards) for a in card.artifacts if a.shards},
-                                release=card.release, extras=card.extras)
+                                release=card.release, extras=card.extras, removed=card.removed)
 
     @staticmethod
     def repo_files(card: CardInputs, scratch: Path) -> tuple[RepoFile, ...]:

@@ -3,7 +3,6 @@ can and cannot tell apart, how to download and run a file, the sampling defaults
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..card import calibration_desc, eval_desc, measured, render_card
@@ -20,9 +19,10 @@ DEFAULT_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOutput,
                      artifacts: dict[str, tuple[StepOutput, StepOutput]], tokens: StepOutput | None,
                      shards: dict[str, list[str]] | None = None, release: ReleaseInfo | None = None,
-                     extras: tuple[StepOutput, ...] = ()) -> str:
+                     extras: tuple[StepOutput, ...] = (), removed: tuple[str, ...] = ()) -> str:
     """artifacts: type -> (quantize output, gate output); shards: type -> split file names, when split;
-    extras: the outputs of the format's extra steps (the importance matrix file)."""
+    extras: the outputs of the format's extra steps (the importance matrix file); removed: files this
+    publication deletes (types no longer declared)."""
     rows = []
     fallback_pairs: dict[str, int] = {}
     for qtype, (quant, gate) in artifacts.items():
@@ -49,7 +49,7 @@ def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOu
     default_type = next((t for t in DEFAULT_TYPES if t in types), types[0])
     first_quant = next(iter(artifacts.values()))[0]
     arch = first_quant.data.get("architecture")
-    sampling = sampling_defaults(Path(source.data["path"]))
+    sampling = sampling_defaults(source)
     matrix = imatrix_files(extras)
     return render_card(
         CARD_TEMPLATE, source, namespace, "gguf", {"gguf", "llama.cpp", *([arch] if arch else [])},
@@ -59,7 +59,7 @@ def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOu
         tokens_scored=first_gate.get("tokens_scored", 0), eval_desc=eval_desc(tokens),
         fallbacks=", ".join(f"{n}× {p}" for p, n in sorted(fallback_pairs.items())),
         default_type=default_type, downloads=downloads(repo_id, model, by_size, default_type),
-        noise_notes=noise_notes(by_size),
+        noise_notes=noise_notes(by_size), removed=list(removed),
         converter=converter_desc(first_quant.data.get("converter")),
         libllama=first_quant.tools.get("libllama", "?"),
         imatrix=_imatrix_desc({t: q.data["imatrix"] for t, (q, _) in artifacts.items() if q.data.get("imatrix")}),

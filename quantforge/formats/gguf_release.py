@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..card import hub_url, repo_id
+from ..card import GENERATION_CONFIG, hub_url, repo_id, source_facts
 from ..config.schema import ModelTarget
 from ..core.formats import CardInputs, ReleaseInfo, RepoFile
 from ..core.step import Step, StepOutput
+from ..steps.source import content_digest
 from ..store import sha256_file
 from ..toolchains import imatrix_gguf
 
 IMATRIX_FILE_KIND = "gguf.imatrix_file"
 OLLAMA_PARAMS_FILE = "params"  # Ollama reads a repo's `params` (JSON) when it runs hf.co/<repo>
-GENERATION_CONFIG = "generation_config.json"
 # generation_config.json's sampling fields -> Ollama's parameter names (its Modelfile PARAMETERs)
 OLLAMA_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                 "typical_p": "typical_p", "repetition_penalty": "repeat_penalty"}
@@ -65,8 +65,10 @@ def quantize_metadata(model: ModelTarget, release: ReleaseInfo, source: Step, im
         kv["general.repo_url"] = repo_url
     if release.license:
         kv["general.license"] = release.license
-    # the Hub repo itself is in general.source.repo_url (conversion): a repo id may exceed an override's 127 bytes
-    kv["quantforge.source.revision"] = source.params.get("commit") or source.params["digest"]
+    # the Hub repo itself is in general.source.repo_url (conversion): a repo id may exceed an override's 127 bytes.
+    # The source by its content digest, not its commit (the card names the commit): a commit that changes no file
+    # a build reads requantizes nothing. The key's name predates that; a local source's value is as it was.
+    kv["quantforge.source.revision"] = content_digest(source)
     if imatrix is not None:
         kv.update(imatrix_gguf.quantize_kv(*imatrix))
     return kv
@@ -81,14 +83,11 @@ def build_metadata(planned: dict[str, Any], libllama: str, converter: str | None
 
 # ------------------------------------------------------------------------------------ files beside the GGUFs
 
-def sampling_defaults(source_dir: Path) -> dict[str, float | int]:
+def sampling_defaults(source: StepOutput) -> dict[str, float | int]:
     """The sampling values the source's generation_config.json recommends (only those it sets). Nothing when it
     asks for greedy decoding (do_sample: false), where they would not apply."""
-    try:
-        config = json.loads((source_dir / GENERATION_CONFIG).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(config, dict) or config.get("do_sample") is False:
+    config = source_facts(source).generation_config
+    if config.get("do_sample") is False:
         return {}
     found: dict[str, float | int] = {}
     for key in OLLAMA_NAMES:
@@ -118,7 +117,7 @@ def repo_files(card: CardInputs, scratch: Path) -> tuple[RepoFile, ...]:
         files.append(RepoFile(name, out.file(name), out.files()[name]["sha256"], {
             "what": "importance matrix (llama.cpp imatrix GGUF)",
             **{k: out.data[k] for k in ("entries", "chunks", "chunk_size", "dataset")}}))
-    params = ollama_params(sampling_defaults(Path(card.source.data["path"])))
+    params = ollama_params(sampling_defaults(card.source))
     if params:
         path = scratch / OLLAMA_PARAMS_FILE
         path.write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")

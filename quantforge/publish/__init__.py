@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import __version__
-from ..card import CARD_FILE, card_template_version, public_text_name, release_info, repo_id, source_card
+from ..card import CARD_FILE, card_template_version, release_info, repo_id, source_card
 from ..config.schema import ModelTarget, Targets, is_local_source
 from ..core.formats import BuiltArtifact, CardInputs, Publishable, ReleaseInfo, format_named
 from ..core.registry import kind_info, step_kind
@@ -31,15 +31,15 @@ from ..errors import PreuploadRejected, PublishError
 from ..store import WorkDir, sha256_file
 from ..toolchains.gguf_split import parse_size
 from ..toolchains.llamacpp import cache_root
-from .copies import (
-    HeldFile,
-    check_copy,
-    expected_from_record,
-    expected_from_step,
-    forget_held,
-    held_files,
-    unlisted,
-    was_listed,
+from . import copies
+from .record import (
+    REPO_MANIFEST,
+    file_entries,
+    known_blobs,
+    public_data,
+    recorded_files,
+    removed_files,
+    step_record,
 )
 from .upload import upload_again, uploaded_files, uploads_by_artifact
 
@@ -51,7 +51,6 @@ __all__ = ["CARD_FILE", "REPO_MANIFEST", "PublishResult", "Publisher", "publish_
 
 log = logging.getLogger(__name__)
 
-REPO_MANIFEST = "quantforge.json"  # source commit, parameters, metrics, file hashes: the basis for skip-unchanged
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,7 @@ class PublishResult:
     uploaded: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     commit: str | None = None  # the Hub commit made, when one was
+    deleted: list[str] = field(default_factory=list)  # files removed (types no longer declared)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,11 +69,14 @@ class PublishResult:
 
 class Publisher(Protocol):
     def publish(self, repo_id: str, files: dict[str, tuple[Path, str]], *, private: bool, message: str,
-                preuploaded: Mapping[str, PreuploadedFile] | None = None) -> PublishResult:
-        """Make the repo hold `files` (name -> (path, sha256)) and the files uploaded ahead (the Hub only)."""
+                preuploaded: Mapping[str, PreuploadedFile] | None = None, delete: Sequence[str] = (),
+                blobs: Mapping[str, str] | None = None) -> PublishResult:
+        """Make the repo hold `files` (name -> (path, sha256)) and the files uploaded ahead (the Hub only), and no
+        longer hold `delete`. A file whose local path is absent is one the destination's record says it holds
+        (its data was recorded, its bytes are not here); `blobs` gives the git blob ids recorded of such files."""
         ...
 
-    def held(self, repo_id: str, hashes: Collection[str] = ()) -> dict[str, HeldFile] | None:
+    def held(self, repo_id: str, hashes: Collection[str] = ()) -> dict[str, copies.HeldFile] | None:
         """What the repo holds: name -> size and, where known (or read, for the names in `hashes`), sha256; None
         when there is no such repo (publish/copies.py)."""
         ...
@@ -110,11 +113,16 @@ def publish_step(model: ModelTarget, fmt: str, publishable: list[Publishable], s
         inputs[f"check:{item.name}"] = item.gate
     for upload in uploads:
         inputs[f"upload:{_artifact_name(upload)}"] = upload
-    uploaded = {upload.inputs["artifact"].label for upload in uploads}
     for extra in extras:
         inputs[f"extra:{extra.kind}"] = extra
     inputs["source"] = source
     inputs["tokens"] = tokens  # the evaluation's text and windows, described in the card
+    # What is read of the inputs only as data (so a destination's record of them serves): the measurements, the
+    # source's facts, the windows' description; to the Hub also the artifacts and extras, whose files went up
+    # ahead (or already are there): a changed gate or card re-publishes without rebuilding or re-uploading them
+    data_only = {"source", "tokens", *(f"check:{item.name}" for item in publishable)}
+    if uploads:
+        data_only |= {role for role, dep in inputs.items() if role.startswith(("artifact:", "upload:", "extra:"))}
     # the model tree, the licence and the model's other repos from this build: the cards link them
     release = replace(release_info(model), siblings=tuple((other, repo_id(model, other))
                                                           for other in model.formats.enabled() if other != fmt))
@@ -123,8 +131,7 @@ def publish_step(model: ModelTarget, fmt: str, publishable: list[Publishable], s
                         "private": model.publish.private, "format": fmt, "namespace": model.publish.namespace,
                         "max_file_size": parse_size(model.publish.max_file_size), "release": asdict(release)},
                 inputs=inputs, tools={"card-template": card_template_version(format_named(fmt).card_template)},
-                model=model.name, fmt=fmt, local={"to": local_to},
-                data_only=frozenset(f"artifact:{item.name}" for item in publishable if item.artifact.label in uploaded))
+                model=model.name, fmt=fmt, local={"to": local_to}, data_only=frozenset(data_only))
 
 
 def destination(step: Step) -> str:
@@ -180,54 +187,68 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
                            **({"shards": list(files.shards)} if files.shards else {})}
     card = _card_inputs(step, ctx.inputs, built)
     repo_files = fmt.repo_files(card, ctx.out_dir)
+    previous = previous_manifest(step)
+    made = {**artifact_files, **{f.name: (f.path, f.sha256) for f in repo_files}}
+    made_entries = file_entries(made, {name: f.sha256 for name, f in ahead.items()}, previous)
+    for name, file in ahead.items():  # sizes, as for the files here: what plan and build compare a copy with
+        made_entries[name]["size"] = file.size
+    # a type no longer declared: its files go in the same commit, unless --keep-removed (then they stay listed)
+    removed = removed_files(previous, made_entries)
+    if ctx.options.keep_removed:
+        made_entries.update({name: recorded_files(previous)[name] for name in removed})
+        removed = []
+    card = replace(card, removed=tuple(removed))
     release = {k: v for k, v in asdict(card.release).items() if v}
     manifest = {
         "quantforge": __version__,
         "model": step.model,
         "format": step.params["format"],
         # a Hub source by its repo id and commit; a local one by its content digest alone (never its folder)
-        "source": {k: source.params[k] for k in ("commit", "digest") if source.params.get(k)}
-                  | ({"source": source.params["source"]} if "commit" in source.params else {}),
+        "source": {"source": source.params["source"], "commit": source.data.get("commit")}
+                  if "digest" not in source.params
+                  else {"digest": source.params["digest"]},
         **({"release": release | {"siblings": dict(card.release.siblings)}} if release else {}),
         "artifacts": artifacts,
         **({"repo_files": {f.name: {"sha256": f.sha256, **public_data(f.about)} for f in repo_files}}
            if repo_files else {}),
         # the nightly's memory: the key of this publish step (it covers everything upstream) and of each step it
-        # was made from, so that a run with no work dir can tell the repo is up to date, or say what changed
-        "build": {"key": step.key, "steps": upstream_keys(step)},
+        # was made from, so that a run with no work dir can tell the repo is up to date, or say what changed; and
+        # what each of those steps left, so that such a run can reuse their data (publish/record.py)
+        "build": {"key": step.key, "steps": upstream_keys(step),
+                  "records": {label: step_record(out) for label, out in sorted(ctx.upstream().items())}},
     }
     card_file = ctx.out_dir / CARD_FILE
     card_file.write_text(fmt.render_card(card), encoding="utf-8")
     # a folder gets its card last: the record counts only beside this very card (a publish cut short does not)
     manifest["build"]["card_sha256"] = sha256_file(card_file)
-    # every other file the repo holds, by size and sha256: what plan and build check the published copy against
-    manifest["files"] = {name: {"sha256": sha, "size": path.stat().st_size}
-                         for name, (path, sha) in {**artifact_files, **{f.name: (f.path, f.sha256) for f in repo_files},
-                                                   CARD_FILE: (card_file, manifest["build"]["card_sha256"])}.items()} \
-        | {name: {"sha256": file.sha256, "size": file.size} for name, file in ahead.items()}
+    manifest["files"] = made_entries
     manifest_file = ctx.out_dir / REPO_MANIFEST
     manifest_file.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     _refuse_local_paths([manifest_file, card_file, *(f.path for f in repo_files if f.path.parent == ctx.out_dir)],
-                        Path(source.data["path"]), ctx.log_path)
-    files = {**artifact_files, **{f.name: (f.path, f.sha256) for f in repo_files},
-             REPO_MANIFEST: (manifest_file, sha256_file(manifest_file)), CARD_FILE: (card_file, sha256_file(card_file))}
+                        source.data.get("path"), ctx.log_path)
+    files = {**made, REPO_MANIFEST: (manifest_file, sha256_file(manifest_file)),
+             CARD_FILE: (card_file, sha256_file(card_file))}
     publisher = publisher_for(destination(step))
-    commit = source.params.get("commit") or source.params.get("digest", "")
+    commit = source.data.get("commit") or source.params.get("digest", "")
     try:
         result = publisher.publish(step.params["repo_id"], files, private=step.params["private"],
                                    message=f"quantforge {__version__}: {step.params['format']} of {step.model} "
-                                           f"@ {commit[:12]}", preuploaded=ahead)
+                                           f"@ {commit[:12]}", preuploaded=ahead, delete=removed,
+                                   blobs=known_blobs(manifest["files"]))
     except PreuploadRejected as exc:
         exc.hint = upload_again(step, ctx.inputs, exc.names)
         raise
     # what was read of the destination before this publish is old
     _RECORDS.pop((destination(step), step.params["repo_id"]), None)
-    forget_held(destination(step), step.params["repo_id"])
+    copies.forget_held(destination(step), step.params["repo_id"])
     return {"repo_id": step.params["repo_id"], "to": step.params["to"],
             "files": {**{name: sha for name, (_, sha) in files.items()},
                       **{name: file.sha256 for name, file in ahead.items()}},
-            "sizes": {**{name: path.stat().st_size for name, (path, _) in files.items()},
-                      **{name: file.size for name, file in ahead.items()}}, **result.to_json()}
+            # what plan and build check the published copy against (publish/copies.py)
+            "sizes": {name: size for name, (path, _) in files.items()
+                      if (size := path.stat().st_size if path.is_file() else made_entries.get(name, {}).get("size"))}
+                     | {name: file.size for name, file in ahead.items()},
+            **({"removed": removed} if removed else {}), **result.to_json()}
 
 
 def _card_inputs(step: Step, inputs: dict[str, StepOutput], built: list[BuiltArtifact]) -> CardInputs:
@@ -236,28 +257,19 @@ def _card_inputs(step: Step, inputs: dict[str, StepOutput], built: list[BuiltArt
                       release=_release(step), extras=built_extras(step, inputs))
 
 
-def public_data(value: Any) -> Any:
-    """Step data as a published manifest may hold it: no local paths (a text file by its name alone, `path`
-    entries dropped)."""
-    if isinstance(value, dict):
-        return {k: public_text_name(v) if k == "dataset" and isinstance(v, str) else public_data(v)
-                for k, v in value.items() if k != "path"}
-    if isinstance(value, list):
-        return [public_data(v) for v in value]
-    return value
-
-
-def _private_locations(source_dir: Path, log_path: Path) -> dict[str, str]:
-    """Directories a published repo must not name: the source folder, the work dir (logs/ is in it), the
-    converter cache, and the home folder when it names a user (/home/alice; a bare /root says nothing)."""
-    places = {"source folder": source_dir, "work dir": log_path.parent.parent, "quantforge cache": cache_root()}
+def _private_locations(source_dir: str | Path | None, log_path: Path) -> dict[str, str]:
+    """Directories a published repo must not name: the source folder (when it is on this machine), the work dir
+    (logs/ is in it), the converter cache, and the home folder when it names a user (/home/alice; a bare /root
+    says nothing)."""
+    places = {"work dir": log_path.parent.parent, "quantforge cache": cache_root(),
+              **({"source folder": Path(source_dir)} if source_dir else {})}
     home = Path.home()
     if len(home.parts) >= 3:
         places["home folder"] = home
     return {what: str(path.resolve()) for what, path in places.items()}
 
 
-def _refuse_local_paths(files: list[Path], source_dir: Path, log_path: Path) -> None:
+def _refuse_local_paths(files: list[Path], source_dir: str | Path | None, log_path: Path) -> None:
     """The last check before anything leaves: a generated file naming a local directory is a bug to fix, not a
     thing to publish."""
     for file in files:
@@ -303,29 +315,30 @@ def check_published(step: Step, manifest: dict[str, Any], verify: bool = False) 
     """Why the published copy no longer holds what the cached publish step recorded: files missing, of another
     size, or (where the destination gives it for free, or `verify`) of another sha256 (publish/copies.py)."""
     where = destination(step)
-    return check_copy(publisher_for(where), where, step.params["repo_id"],
-                      expected_from_step(manifest.get("data", {})), verify=verify)
+    return copies.check_copy(publisher_for(where), where, step.params["repo_id"],
+                             copies.expected_from_step(manifest.get("data", {})), verify=verify)
 
 
 def unlisted_files(step: Step, work: WorkDir) -> list[str] | None:
     """The files `step`'s repo holds that its publication does not list: left by a build that published another
-    set of types into the same repo, or added by hand. `plan` reports them; this is where a rule that deletes them
-    belongs. The publication is what the work dir's publish step recorded, else the repo's quantforge.json. None
-    when that cannot be told cheaply: no record that lists files, or a Hub repo not listed this run (a listing is a
-    request, and a nightly plan makes one per repo)."""
+    set of types into the same repo, or added by hand. `plan` reports them (a publish deletes only what a record
+    lists as quantforge's: record.removed_files). The publication is the repo's quantforge.json, else what the work
+    dir's publish step recorded. None when that cannot be told cheaply: no list of files, or a Hub repo not listed
+    this run (a listing is a request, and a nightly plan makes one per repo)."""
     where, repo = destination(step), step.params["repo_id"]
-    if where == "hub" and not was_listed(where, repo):
+    if where == "hub" and not copies.was_listed(where, repo):
         return None
-    cached = work.lookup(step.kind, step.key)
-    expected = (expected_from_step(cached.get("data", {})) if cached
-                else expected_from_record(_record(where, repo) or {}))
+    expected = copies.expected_from_record(_record(where, repo) or {})
+    if not expected:
+        cached = work.lookup(step.kind, step.key)
+        expected = copies.expected_from_step(cached.get("data", {})) if cached else None
     if not expected:
         return None
     try:
-        held = held_files(publisher_for(where), where, repo)
+        held = copies.held_files(publisher_for(where), where, repo)
     except (OSError, PublishError):
         return None
-    return unlisted(expected, held, manifest=REPO_MANIFEST)
+    return sorted(set(copies.unlisted(expected, held, manifest=REPO_MANIFEST)) - {CARD_FILE})
 
 
 def unlisted_warnings(steps: Sequence[Step], work: WorkDir) -> list[dict[str, Any]]:
@@ -357,12 +370,24 @@ def published_record(step: Step, verify: bool = False) -> Published:
     if where.startswith("dir:") and build and not _card_landed(Path(where[4:]) / repo, build.get("card_sha256")):
         build = {}  # a Hub commit is atomic; a folder publish cut short before its card is not a publication
     problems: list[Reason] = []
-    expected = expected_from_record(manifest) if build.get("key") and (where != "hub" or verify) else None
+    expected = copies.expected_from_record(manifest) if build.get("key") and (where != "hub" or verify) else None
     if expected is not None:
-        problems = check_copy(publisher_for(where), where, repo, expected, verify=verify)
+        problems = copies.check_copy(publisher_for(where), where, repo, expected, verify=verify)
+    records = build.get("records")
+    commit = (manifest.get("source") or {}).get("commit") if isinstance(manifest.get("source"), dict) else None
     return Published(location=location, key=build.get("key"), steps=build.get("steps") or {},
                      data={"repo_id": repo, "to": step.params["to"], "location": location,
-                           "published": "recorded at the destination"}, problems=tuple(problems))
+                           "published": "recorded at the destination"},
+                     records=records if isinstance(records, dict) else {},
+                     source_commit=commit if isinstance(commit, str) else None, problems=tuple(problems))
+
+
+def previous_manifest(step: Step) -> dict[str, Any] | None:
+    """The repo's quantforge.json as this process last read it (published_record reads it first)."""
+    key = (destination(step), step.params["repo_id"])
+    if key not in _RECORDS:
+        published_record(step)
+    return _RECORDS[key]
 
 
 def _card_landed(folder: Path, sha256: str | None) -> bool:
@@ -376,4 +401,4 @@ def _card_landed(folder: Path, sha256: str | None) -> bool:
 def forget_published() -> None:
     """Drop what was read of destinations (a long-lived process that publishes from elsewhere too)."""
     _RECORDS.clear()
-    forget_held()
+    copies.forget_held()

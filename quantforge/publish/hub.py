@@ -14,17 +14,17 @@ gone: publish/upload.py.
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import PreuploadRejected, PublishError
-from . import REPO_MANIFEST, PublishResult
+from . import PublishResult
 from .copies import HeldFile
+from .record import REPO_MANIFEST, git_blob_sha1
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitOperationAdd
@@ -34,16 +34,6 @@ T = TypeVar("T")
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 _ABSENT = ("RepoNotFound", "EntryNotFound", "RevisionNotFound")
-
-
-def git_blob_sha1(path: Path) -> str:
-    """The id git (and the Hub) gives a regular file's content."""
-    h = hashlib.sha1()
-    h.update(f"blob {path.stat().st_size}\0".encode())
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -147,17 +137,25 @@ class HubPublisher:
                                                                                    exist_ok=True)))
 
     def publish(self, repo_id: str, files: dict[str, tuple[Path, str]], *, private: bool, message: str,
-                preuploaded: Mapping[str, PreuploadedFile] | None = None) -> PublishResult:
-        """`preuploaded`: LFS objects `preupload` sent ahead, committed by their record (no local file needed)."""
-        from huggingface_hub import CommitOperationAdd
+                preuploaded: Mapping[str, PreuploadedFile] | None = None, delete: Sequence[str] = (),
+                blobs: Mapping[str, str] | None = None) -> PublishResult:
+        """`preuploaded`: LFS objects `preupload` sent ahead, committed by their record (no local file needed);
+        `delete`: files to remove in the same commit; `blobs`: recorded git blob ids of files not on this machine."""
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
         url = self._create(repo_id, private)
         remote = self.remote_files(repo_id)
-        uploads, unchanged = [], []
+        uploads: list[CommitOperationAdd | CommitOperationDelete] = []
+        unchanged = []
         for name, (path, sha256) in sorted(files.items()):
             lfs_sha, blob_sha = remote.get(name, (None, None))
-            if lfs_sha == sha256 or (lfs_sha is None and blob_sha and blob_sha == git_blob_sha1(path)):
+            here = path.is_file()
+            blob = git_blob_sha1(path) if here and lfs_sha is None and blob_sha else (blobs or {}).get(name)
+            if lfs_sha == sha256 or (lfs_sha is None and blob_sha and blob_sha == blob):
                 unchanged.append(name)
+            elif not here:  # recorded, not built here: only the repo had its bytes, and they changed
+                raise PublishError(f"{repo_id}/{name} is not what its record says (sha256 {sha256[:12]}) and this "
+                                   "build did not make it; build again with --ignore-published to remake it")
             else:
                 uploads.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)))
         ahead = []
@@ -167,6 +165,8 @@ class HubPublisher:
             else:
                 uploads.append(preuploaded_addition(name, file))
                 ahead.append(name)
+        gone = [name for name in delete if name in remote]
+        uploads += [CommitOperationDelete(path_in_repo=name) for name in gone]
         commit = None
         if uploads:
             try:
@@ -181,7 +181,8 @@ class HubPublisher:
                                             "published", gone) from None
                 raise
             commit = info.oid
-        return PublishResult(url, sorted(op.path_in_repo for op in uploads), sorted(unchanged), commit)
+        return PublishResult(url, sorted(op.path_in_repo for op in uploads if op.path_in_repo not in gone),
+                             sorted(unchanged), commit, sorted(gone))
 
     def _gone(self, repo_id: str, objects: Mapping[str, PreuploadedFile]) -> list[str]:
         """Names of `objects` the repo's LFS storage no longer holds: those git-lfs's batch API (a stable protocol)

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +100,12 @@ class LocalDirPublisher:
         return self.root / repo_id
 
     def publish(self, repo_id: str, files: dict[str, tuple[Path, str]], *, private: bool,
-                message: str, preuploaded: Mapping[str, Any] | None = None) -> PublishResult:
+                message: str, preuploaded: Mapping[str, Any] | None = None, delete: Sequence[str] = (),
+                blobs: Mapping[str, str] | None = None) -> PublishResult:
         if preuploaded:  # uploads ahead are planned for the Hub only (publish/upload.py)
             raise PublishError(f"{repo_id}: a folder cannot take files uploaded ahead")
         dest = self.repo_dir(repo_id)
-        uploaded, unchanged = [], []
+        uploaded, unchanged, deleted = [], [], []
         order = _publish_order(list(files))
         tmp: Path | None = None
         try:
@@ -113,6 +114,11 @@ class LocalDirPublisher:
             for i, name in enumerate(order):
                 path, sha = files[name]
                 target = dest / name
+                if name == CARD_FILE:  # the files of types no longer declared go before the card is replaced
+                    for gone in delete:
+                        if (dest / gone).is_file():
+                            (dest / gone).unlink()
+                            deleted.append(gone)
                 if target.is_file() and target.stat().st_size == path.stat().st_size and sha256_file(target) == sha:
                     unchanged.append(name)
                     continue
@@ -132,7 +138,7 @@ class LocalDirPublisher:
         finally:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
-        return PublishResult(str(dest), uploaded, unchanged)
+        return PublishResult(str(dest), uploaded, unchanged, deleted=deleted)
 
     def read_manifest(self, repo_id: str) -> dict[str, Any] | None:
         path = self.repo_dir(repo_id) / REPO_MANIFEST

@@ -3,10 +3,11 @@
 with the card and quantforge.json, in one commit. A repo is still published whole or not at all, and never holds
 a file that failed its gate (a failed gate skips its upload).
 
-    <format>.quantize ─► verify, evaluate ─► gate ─► publish.upload ─┐   (with --evict, the artifact goes here)
+    <format>.quantize ─► verify, evaluate ─► gate ┄► publish.upload ─┐   (with --evict, the artifact goes here)
     ...every other artifact the same way...                          ├─► publish (one commit; reads only the
     <format>.quantize ────────────────────────────────────────────────┘    artifacts' recorded data)
 
+An upload waits for its gate (Step.after) but is keyed by its artifact alone: a changed gate uploads nothing again.
 An upload step records, for each file the artifact puts in its repo, what a commit needs without the local file
 (hub.PreuploadedFile: sha256, size, the first 512 bytes). A file the Hub keeps as a regular git file (a
 checkpoint's small config and tokenizer files) is kept in the step's output, since a commit carries its bytes.
@@ -25,6 +26,7 @@ from ..core.formats import Publishable, PublishedArtifact, format_named
 from ..core.registry import step_kind
 from ..core.step import Step, StepContext, StepOutput
 from ..toolchains.gguf_split import parse_size
+from .record import git_blob_sha1
 
 if TYPE_CHECKING:
     from .hub import PreuploadedFile
@@ -42,12 +44,13 @@ def upload_steps(model: ModelTarget, fmt: str, publishable: Sequence[Publishable
     return [Step(kind=UPLOAD_KIND, label=f"{item.artifact.artifact}:upload",
                  params={"repo_id": repo_id(model, fmt), "private": model.publish.private, "format": fmt,
                          "max_file_size": parse_size(model.publish.max_file_size)},
-                 inputs={"artifact": item.artifact, "gate": item.gate},
+                 inputs={"artifact": item.artifact}, after=(item.gate,),
                  model=model.name, fmt=fmt, qtype=item.artifact.qtype)
             for item in publishable]
 
 
-@step_kind(UPLOAD_KIND, version="1", stage="publish")
+# 2: waits for its gate without being keyed by it (a changed gate uploads nothing again); kept files' blob ids
+@step_kind(UPLOAD_KIND, version="2", stage="publish")
 def run_upload(step: Step, ctx: StepContext) -> dict[str, Any]:
     from .hub import HubPublisher
 
@@ -63,7 +66,7 @@ def run_upload(step: Step, ctx: StepContext) -> dict[str, Any]:
                 kept = ctx.out_dir / KEPT / name
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(made.files[name][0], kept)
-                files[name] = {"sha256": made.files[name][1], "kept": f"{KEPT}/{name}"}
+                files[name] = {"sha256": made.files[name][1], "kept": f"{KEPT}/{name}", "blob": git_blob_sha1(kept)}
             else:
                 files[name] = {**record.to_json(), "lfs": True}
     finally:

@@ -39,7 +39,7 @@ from ..toolchains import gptqmodel
 from .calibration import CALIBRATION_FILE, calibration_settings
 from .evaluation import REFERENCE_FILE, SAMPLE_FILE, VERIFY_PROMPT, VERIFY_TOKENS, WINDOWS_FILE
 from .gate import gate_step
-from .source import DEFAULT_ALLOW_PATTERNS, local_digest
+from .source import DEFAULT_ALLOW_PATTERNS, hub_commit, local_digest
 
 CHECKPOINT_DIR = "checkpoint"
 # default gate by bit width: the largest relative perplexity increase over the source on the same windows
@@ -96,7 +96,7 @@ def hidden_size(source: Step) -> int | None:
     else:
         from huggingface_hub import try_to_load_from_cache
 
-        config_file = try_to_load_from_cache(source.params["source"], "config.json", revision=source.params["commit"])
+        config_file = try_to_load_from_cache(source.params["source"], "config.json", revision=hub_commit(source))
     try:
         config = json.loads(Path(config_file).read_text()) if isinstance(config_file, str | Path) else {}
         return int(config.get("text_config", config)["hidden_size"])

@@ -24,7 +24,7 @@ from ..errors import DiskFull
 from ..figures import format_size
 from ..gguf_types import BITS_PER_WEIGHT
 from ..store import mount_of
-from .source import source_folder
+from .source import hub_commit, source_folder
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 # the GGUF header holds the vocabulary and merges: about half the tokenizer files' size (JSON is verbose), again
@@ -183,7 +183,7 @@ def disk_use(steps: Sequence[Step], todo: Iterable[str], *, work_root: Path, hf_
 def _missing_from_cache(source: Step, hf_cache: Path, total: int) -> int:
     """The bytes of a Hub source's files its snapshot in the HF cache does not hold yet."""
     snapshot = hf_cache / f"models--{source.params['source'].replace('/', '--')}" / "snapshots" / \
-        source.params["commit"]
+        str(hub_commit(source))
     files: dict[str, int] = dict(source.local.get("files") or {})
     if not files:
         return total

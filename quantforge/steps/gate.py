@@ -41,8 +41,10 @@ def gate_step(label: str, fmt: str, qtype: str | None, evaluation: Step, check: 
         "enforce": enforce,
         "gate_name": f"{fmt}/{qtype}" if qtype else fmt,
     }
+    # the measurements and the sample are read as data: where a destination recorded them, a changed limit
+    # re-judges them without measuring (or building) anything again
     return Step("gate", label, params=params, inputs={"evaluation": evaluation, "check": check}, model=model,
-                fmt=fmt, qtype=qtype)
+                fmt=fmt, qtype=qtype, data_only=frozenset({"evaluation", "check"}))
 
 
 def judge(measured: Measurement, params: dict[str, Any]) -> GateOutcome:

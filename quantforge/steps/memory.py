@@ -23,6 +23,7 @@ from ..figures import format_size
 from ..toolchains.device import choose_forward, gpu_memory, nvidia_driver_present
 from ..toolchains.layerwise import PeakEstimate, checkpoint_tensors, estimate_peak_bytes
 from ..toolchains.memory import HostMemory, host_memory
+from .source import hub_commit
 
 HEAVY_KINDS = ("eval.reference", "gguf.imatrix", "gptq.quantize", "awq.quantize", "gguf.convert", "gguf.quantize")
 # RSS of the processes before they hold any of the model: GPTQModel's worker (torch, transformers, gptqmodel
@@ -179,7 +180,7 @@ def _source_dir(step: Step) -> Path | None:
         return Path(source.local["folder"])  # the key holds the path as written; this is where it is here
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(params["source"], "config.json", revision=params["commit"])
+    found = try_to_load_from_cache(params["source"], "config.json", revision=hub_commit(source))
     if not isinstance(found, str):  # None or the "known not to exist" marker
         return None
     folder = Path(found).parent

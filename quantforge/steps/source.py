@@ -1,8 +1,11 @@
 """Source models: a local checkpoint folder, or a Hub repo at a revision resolved to a commit sha.
 
-A Hub revision (branch or tag) is resolved to its commit at plan time, so a new upstream commit makes the
-dependent steps stale and an unchanged one does not. A local folder is identified by a digest of its files'
-contents (hashes are memoized by size and mtime, so an unchanged 15 GB folder is not re-read every plan).
+A source is keyed by the content of the files a build reads, never by where they are or which commit holds them:
+- a Hub revision (branch or tag) is resolved at plan time, in one request, to its commit and to the content id of
+  every file (the LFS sha256 of weights, the git blob id of configs and tokenizer files); the key holds those ids,
+  the commit is provenance. A commit that edits only the README (or other files no step reads) makes nothing stale.
+- a local folder is keyed by a digest of its files' contents (hashes are memoized by size and mtime, so an
+  unchanged 15 GB folder is not re-read every plan).
 """
 
 from __future__ import annotations
@@ -12,13 +15,18 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..card import SourceFacts
 from ..chat_template import has_chat_template
 from ..config.schema import ModelTarget, Targets, is_local_source
+from ..core.plan import upstream_of_kind
 from ..core.registry import step_kind
-from ..core.step import PlanContext, Step, StepContext
+from ..core.staleness import published_record
+from ..core.step import PlanContext, Reason, Step, StepContext
 from ..data import portable_path
 from ..errors import SourceError
 from ..store import NO_SPACE, canonical_json, disk_full, sha256_file, write_json_atomic
@@ -27,6 +35,9 @@ from ..store import NO_SPACE, canonical_json, disk_full, sha256_file, write_json
 DEFAULT_ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja",
                           "README.md", "LICENSE*"]
 REMOTE_CODE_PATTERNS = ["*.py"]
+# Downloaded for the card, but read by no step that makes or measures an artifact: not part of a Hub source's key
+# (the card quotes the source card as of the build that published it)
+UNKEYED_PATTERNS = ["README.md", "*.md", "LICENSE*", "NOTICE*", "USE_POLICY*", ".gitattributes"]
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -50,11 +61,12 @@ def source_step(model: ModelTarget, targets: Targets, context: PlanContext) -> S
         params: dict[str, Any] = {"source": portable_path(model.source), "digest": digest}
         local: dict[str, Any] = {"folder": str(folder), "files": _local_sizes(folder, patterns)}
     else:
-        commit, sizes = context.memo(f"hub:{model.source}@{model.revision}",
-                                     lambda: hub_revision_and_sizes(model.source, model.revision,
-                                                                    offline=context.offline))
-        params = {"source": model.source, "commit": commit, "allow_patterns": patterns}
-        local = {"files": {n: size for n, size in sizes.items() if _matches(Path(n), patterns)}}
+        revision = context.memo(f"hub:{model.source}@{model.revision}",
+                                lambda: hub_revision(model.source, model.revision, offline=context.offline))
+        files = {n: f for n, f in revision.files.items() if _matches(Path(n), patterns)}
+        keyed = {n: f.content_id for n, f in sorted(files.items()) if not _matches(Path(n), UNKEYED_PATTERNS)}
+        params = {"source": model.source, "allow_patterns": patterns, "files": keyed}
+        local = {"commit": revision.commit, "files": {n: f.size for n, f in files.items()}}
     return Step(kind="source", label=f"{model.name}:source", params=params, model=model.name, local=local)
 
 
@@ -83,6 +95,33 @@ def local_source_gaps(targets: Targets) -> list[tuple[int, str]]:
     return [(i, f"{model.source}: {gaps}") for i, model in enumerate(targets.models)
             if (is_local_source(model.source) or targets.resolve_path(model.source).is_dir())
             and (gaps := checkpoint_gaps(targets.resolve_path(model.source)))]
+
+
+def hub_commit(step: Step) -> str | None:
+    """The commit a Hub source step was resolved to (provenance, not part of its key); None for a local source."""
+    return step.local.get("commit")
+
+
+def same_files_notes(steps: Iterable[Step]) -> list[str]:
+    """For each repo that is up to date though its Hub source moved to a new commit (one that changed no file a
+    build reads): a line saying so, for `plan`."""
+    notes = []
+    for step in steps:
+        record = published_record(step)
+        source = upstream_of_kind(step, "source") if record is not None else None
+        commit = hub_commit(source) if source is not None else None
+        if record is not None and commit and record.key == step.key and record.source_commit not in (None, commit):
+            notes.append(f"{step.model}: source: new commit {commit[:12]}, same files (published from "
+                         f"{str(record.source_commit)[:12]}): nothing to rebuild")
+    return list(dict.fromkeys(notes))
+
+
+def content_digest(step: Step) -> str:
+    """A source's content as one digest: a local folder's, or that of a Hub source's keyed files (what a GGUF
+    records as its source: the same files give the same digest, whichever commit holds them)."""
+    if "digest" in step.params:
+        return step.params["digest"]
+    return hashlib.sha256(canonical_json(step.params["files"]).encode()).hexdigest()
 
 
 def source_folder(step: Step) -> Path | None:
@@ -130,14 +169,27 @@ def _matches(rel: Path, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatch(rel.as_posix(), p) or fnmatch.fnmatch(rel.name, p) for p in patterns)
 
 
+@dataclass(frozen=True)
+class HubFile:
+    size: int
+    content_id: str  # the LFS sha256 of a large file, the git blob sha1 of a regular one (as the HF cache names blobs)
+
+
+@dataclass(frozen=True)
+class HubRevision:
+    commit: str
+    files: dict[str, HubFile]
+
+
 def resolve_hub_revision(repo_id: str, revision: str, *, offline: bool = False) -> str:
     """Branch, tag or sha -> the commit sha, from the Hub (or the local HF cache when offline)."""
-    return hub_revision_and_sizes(repo_id, revision, offline=offline)[0]
+    return hub_revision(repo_id, revision, offline=offline).commit
 
 
-def hub_revision_and_sizes(repo_id: str, revision: str, *, offline: bool = False) -> tuple[str, dict[str, int]]:
-    """(commit sha, file -> size) in one request: the sizes tell a nightly plan how much disk a model's build
-    needs before anything is downloaded. Offline, the sizes are those of the cached snapshot (or none)."""
+def hub_revision(repo_id: str, revision: str, *, offline: bool = False) -> HubRevision:
+    """The commit and each file's size and content id, in one request: the ids key the source, the sizes tell a
+    nightly plan how much disk a model's build needs before anything is downloaded. Offline, both come from the
+    cached snapshot (whose blobs the HF cache names by the same ids)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -149,7 +201,7 @@ def hub_revision_and_sizes(repo_id: str, revision: str, *, offline: bool = False
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     if offline:
         commit = revision if _SHA_RE.match(revision) else _cached_ref(repo_id, revision)
-        return commit, _cached_sizes(repo_id, commit)
+        return HubRevision(commit, _cached_files(repo_id, commit))
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
     except GatedRepoError:
@@ -170,7 +222,14 @@ def hub_revision_and_sizes(repo_id: str, revision: str, *, offline: bool = False
                           "Hugging Face cache") from None
     if not info.sha:
         raise SourceError(f"{repo_id}@{revision}: the Hub returned no commit sha")
-    return info.sha, {s.rfilename: s.size for s in info.siblings or () if s.size is not None}
+    files = {}
+    for sibling in info.siblings or ():
+        content_id = sibling.lfs.sha256 if sibling.lfs else sibling.blob_id
+        if sibling.size is None or not content_id:
+            raise SourceError(f"{repo_id}@{revision}: the Hub gave no size or content id for {sibling.rfilename}, "
+                              "which a build is keyed by; try again, or use --offline with a cached snapshot")
+        files[sibling.rfilename] = HubFile(sibling.size, content_id)
+    return HubRevision(info.sha, files)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -178,11 +237,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-def _cached_sizes(repo_id: str, commit: str) -> dict[str, int]:
+def _cached_files(repo_id: str, commit: str) -> dict[str, HubFile]:
+    """A cached snapshot's files: each is a link to a blob named by its content id (huggingface_hub's layout)."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
     snapshot = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
-    return {p.relative_to(snapshot).as_posix(): p.stat().st_size for p in snapshot.rglob("*") if p.is_file()}
+    return {p.relative_to(snapshot).as_posix(): HubFile(p.stat().st_size, p.resolve().name)
+            for p in sorted(snapshot.rglob("*")) if p.is_file()}
 
 
 def _cached_ref(repo_id: str, revision: str) -> str:
@@ -196,7 +257,13 @@ def _cached_ref(repo_id: str, revision: str) -> str:
                           "revision; run once online or pin the commit sha") from None
 
 
-@step_kind("source", version="1")
+def _facts_kept(step: Step, manifest: dict[str, Any], verify: bool = False) -> list[Reason]:
+    """An output made before the source step kept the card's facts is described again (same key: nothing
+    made from it is stale)."""
+    return [] if "facts" in manifest.get("data", {}) else [Reason("redescribe", new="facts")]
+
+
+@step_kind("source", version="1", check=_facts_kept)
 def run_fetch(step: Step, ctx: StepContext) -> dict[str, Any]:
     """The source step's work: make the checkpoint available locally and describe it."""
     params = step.params
@@ -207,14 +274,15 @@ def run_fetch(step: Step, ctx: StepContext) -> dict[str, Any]:
 
         try:
             # into the shared HF cache: resumable, deduplicated, and not copied into the work dir
-            path = Path(snapshot_download(params["source"], revision=params["commit"],
+            path = Path(snapshot_download(params["source"], revision=step.local["commit"],
                                           allow_patterns=params["allow_patterns"]))
         except Exception as exc:  # huggingface_hub raises many types; all mean the same here
-            raise SourceError(f"{params['source']}@{params['commit'][:12]}: download failed: {exc}") from exc
+            raise SourceError(f"{params['source']}@{step.local['commit'][:12]}: download failed: {exc}") from exc
         if not any(path.glob("*.safetensors")):
             raise SourceError(f"{params['source']} has no *.safetensors weights; add the weight files' pattern "
                               "to allow_patterns if it ships only .bin files")
-    return {"path": str(path), **describe_checkpoint(path)}
+    return {"path": str(path), **({"commit": step.local["commit"]} if "files" in params else {}),
+            **describe_checkpoint(path), "facts": SourceFacts.read(path).to_json()}
 
 
 def describe_checkpoint(path: Path) -> dict[str, Any]:
