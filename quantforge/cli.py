@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,10 +33,13 @@ IgnorePublishedOpt = Annotated[bool, typer.Option(
 NoRunnerCheckOpt = Annotated[bool, typer.Option(
     "--no-runner-check", help="Do not check that each model's nightly leg fits its runner (`runner:`): for builds "
                               "that do not run there.")]
+VerifyOpt = Annotated[bool, typer.Option(
+    "--verify-published", help="Compare each published file's sha256 with what was published (plain runs compare "
+                               "sizes): a folder's files are read; the Hub's LFS hashes are listed, not downloaded.")]
 DEFAULT_WORK_DIR = Path(".quantforge")
 
 
-def _fail(exc: QuantforgeError) -> typer.Exit:
+def _fail(exc: QuantforgeError, json_output: bool = False, **document: Any) -> typer.Exit:
     err = typer.echo
     if isinstance(exc, ConfigError):
         for issue in exc.issues:
@@ -47,7 +52,37 @@ def _fail(exc: QuantforgeError) -> typer.Exit:
     hint = getattr(exc, "hint", None)
     if hint:
         err(f"hint: {hint}", err=True)
+    if json_output:
+        error = {"kind": type(exc).__name__, "message": str(exc), "hint": hint, "exit_code": exc.exit_code}
+        if isinstance(exc, ConfigError):
+            error["issues"] = [str(issue) for issue in exc.issues]
+        typer.echo(json.dumps({"ok": False, **document, "error": error}, indent=2, default=str))
     return typer.Exit(exc.exit_code)
+
+
+@contextmanager
+def _exits(json_output: bool, **document: Any) -> Iterator[None]:
+    """Library errors become one line and an exit code; with --json every exit also prints one JSON document on
+    stdout (`document` is what it holds besides `ok` and `error`), an interruption and a bug in quantforge too."""
+    try:
+        yield
+    except QuantforgeError as exc:
+        raise _fail(exc, json_output, **document) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except (Exception, KeyboardInterrupt) as exc:
+        if not json_output:
+            raise
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        if not interrupted:
+            import traceback
+
+            traceback.print_exc()
+        error = {"kind": "Interrupted" if interrupted else type(exc).__name__,
+                 "message": "interrupted (SIGINT or SIGTERM)" if interrupted else str(exc) or type(exc).__name__,
+                 "hint": None if interrupted else "a bug in quantforge: please report it with the traceback on stderr"}
+        typer.echo(json.dumps({"ok": False, **document, "error": error}, indent=2, default=str))
+        raise typer.Exit(130 if interrupted else 1) from None
 
 
 def _plan(targets_file: Path, work_dir: Path, only: str | None, offline: bool, llama_cpp: str | None,
@@ -69,11 +104,15 @@ def _plan(targets_file: Path, work_dir: Path, only: str | None, offline: bool, l
 def validate(targets_file: TargetsArg, no_runner_check: NoRunnerCheckOpt = False) -> None:
     """Check a targets file; print every problem with its file, line and key; refuse a nightly leg that does not
     fit its runner, where the source's size is known without a request."""
+    from .errors import ConfigIssue
     from .fit import check_targets
     from .pipeline import load_targets
+    from .steps.source import local_source_gaps
 
     try:
         targets = load_targets(targets_file)
+        if gaps := local_source_gaps(targets):  # a local folder must hold what a build reads
+            raise ConfigError([ConfigIssue(str(targets_file), None, f"models[{i}].source", g) for i, g in gaps])
         notes = [] if no_runner_check else check_targets(targets, DEFAULT_WORK_DIR)
     except QuantforgeError as exc:
         raise _fail(exc) from None
@@ -96,17 +135,19 @@ def plan(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only
                                      "timeout, gpu, hosted).")] = False,
          every_model: Annotated[bool, typer.Option("--all", help="With --github-matrix: a leg for every model, "
                                                    "stale or not.")] = False,
-         ignore_published: IgnorePublishedOpt = False, no_runner_check: NoRunnerCheckOpt = False) -> None:
+         ignore_published: IgnorePublishedOpt = False, no_runner_check: NoRunnerCheckOpt = False,
+         verify_published: VerifyOpt = False) -> None:
     """Show every step and whether it is up to date, and why not. Refuses a nightly leg (the model's stale
     steps) whose estimated disk, memory or time does not fit its runner."""
     from .console import reason_text
     from .core.engine import must_run
+    from .publish import unlisted_warnings
     from .steps.memory import memory_plan
 
-    try:
+    with _exits(json_output, steps=[]):
         the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp)
         # a step the work dir lacks may be up to date by its repo's record (one request per repo; not --offline)
-        todo = must_run(the_plan, work, remote=not (offline or ignore_published))
+        todo = must_run(the_plan, work, remote=not (offline or ignore_published), verify=verify_published)
         if not (offline or ignore_published):
             from .steps.source import same_files_notes
 
@@ -125,19 +166,20 @@ def plan(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only
 
             check_plan(the_plan, todo)
         memory = memory_plan(the_plan.steps)  # expected peak of each heavy step against what is free now
-    except QuantforgeError as exc:
-        raise _fail(exc) from None
+        warnings = unlisted_warnings(the_plan.steps, work)  # files a repo holds that its publication does not list
     if json_output:
         rows = [{"label": s.label, "kind": s.kind, "key": s.key, "model": s.model, "format": s.fmt, "type": s.qtype,
                  "status": "stale" if s.label in todo else "up-to-date",
                  "reasons": [r.to_json() for r in todo.get(s.label, [])]} for s in the_plan.steps]
-        typer.echo(json.dumps({"steps": rows, "memory": memory.to_json()}, indent=2, default=str))
+        typer.echo(json.dumps({"ok": True, "steps": rows, "memory": memory.to_json(), "warnings": warnings},
+                              indent=2, default=str))
         return
     for step in the_plan.steps:
         reasons = todo.get(step.label, [])
         why = f"  ({'; '.join(reason_text(r) for r in reasons)})" if reasons else ""
         typer.echo(f"{'stale' if reasons else 'up-to-date':<10} {step.label}{why}")
     typer.echo(f"{len(todo)} of {len(the_plan.steps)} steps to run")
+    typer.echo("".join(f"warning: {w['message']}\n" for w in warnings), nl=False)
     if memory.steps:
         typer.echo("\n".join(memory.lines()))
 
@@ -163,7 +205,7 @@ def build(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, onl
                                                      "no longer in the targets file (default: a publish deletes "
                                                      "those its repo's quantforge.json lists).")] = False,
           json_output: JsonOpt = False, offline: OfflineOpt = False, llama_cpp: LlamaCppOpt = None,
-          ignore_published: IgnorePublishedOpt = False) -> None:
+          ignore_published: IgnorePublishedOpt = False, verify_published: VerifyOpt = False) -> None:
     """Build every stale artifact, check it against its source, and publish what passes."""
     import os
 
@@ -175,20 +217,19 @@ def build(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, onl
 
     if evict is None:  # a CI leg's work dir is thrown away: what it no longer needs only takes disk
         evict = os.environ.get("QUANTFORGE_EVICT", "") not in ("", "0", "false")
-    try:
+    with _exits(json_output, artifacts=[], steps=[]):
         the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp, enforce_gates=not no_gate)
         if not dry_run and not (no_memory_check and no_disk_check):
-            todo = must_run(the_plan, work, remote=not (offline or ignore_published))
+            todo = must_run(the_plan, work, remote=not (offline or ignore_published), verify=verify_published)
             if not no_disk_check:  # before anything is downloaded: both numbers now, not a full disk hours in
                 check_disk(the_plan.steps, todo, work_root=work.root, evict=evict)
             if not no_memory_check:  # refuse what cannot fit, rather than be killed half-way
                 check_fits(s for s in the_plan.steps if s.label in todo)
         options = BuildOptions(keep_going=keep_going, dry_run=dry_run, threads=threads, llama_cpp_dir=llama_cpp,
-                               offline=offline or ignore_published, evict=evict, keep_removed=keep_removed)
+                               offline=offline or ignore_published, evict=evict, keep_removed=keep_removed,
+                               verify_published=verify_published)
         result = run_plan(the_plan, work, options, make_reporter(json_output))
-    except QuantforgeError as exc:
-        raise _fail(exc) from None
-    _finish(result, work, json_output)
+        _finish(result, work, json_output)
 
 
 def _finish(result, work, json_output: bool) -> None:
@@ -196,53 +237,19 @@ def _finish(result, work, json_output: bool) -> None:
     from . import report as report_mod
     from .store import finite_json
 
-    path = report_mod.save(result, work)
     data = finite_json(result.to_json())
+    try:
+        path: Path | None = report_mod.save(result, work)
+    except QuantforgeError as exc:  # a full disk: the build's outcome is still told, here
+        typer.echo(f"warning: the report was not saved: {exc}", err=True)
+        path = None
     if json_output:
-        typer.echo(json.dumps({**data, "report": str(path)}, indent=2, allow_nan=False))
+        typer.echo(json.dumps({**data, "error": report_mod.first_error(data),
+                               "artifacts": report_mod.artifact_statuses(data),
+                               "report": path and str(path)}, indent=2, allow_nan=False))
     else:
-        _print_summary(data, path)
+        report_mod.print_summary(data, path)
     raise typer.Exit(0 if result.ok else 1)
-
-
-def _print_summary(data: dict, report_path: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .figures import format_num, format_pct
-    from .report import artifact_rows
-    from .steps.evaluation import VERIFY_PROMPT
-
-    console = Console(stderr=True, highlight=False)
-    if not console.is_terminal:
-        console.width = 140  # CI logs do not wrap; an 80-column guess would squeeze the table unreadable
-    groups: dict[str, list[dict]] = {}
-    for row in artifact_rows(data):
-        # one table per model and format; a row per type (a one-artifact format's row is named by the format)
-        group = f"{row['model']}/{row['format']}" if row["type"] else row["model"]
-        groups.setdefault(group, []).append({**row, "type": row["type"] or row["format"]})
-    for group, rows in groups.items():
-        table = Table(title=group, title_justify="left", box=None, pad_edge=False)
-        table.add_column("type", no_wrap=True)
-        for col in ("MB", "bits/w", "PPL", "ΔPPL", "KLD", "top-1", "fallbacks", "gate"):
-            table.add_column(col, justify="right", no_wrap=True)
-        table.add_column(f"{VERIFY_PROMPT} ...", no_wrap=True, overflow="ellipsis", max_width=28)
-        for r in rows:
-            table.add_row(r["type"], str(r["size_mb"]), str(r["bpw"]), format_num(r["ppl"]),
-                          format_pct(r["delta_ppl"]), format_num(r["kld"], 4), format_pct(r["top1"], signed=False),
-                          str(r["fallbacks"]), r["gate"],
-                          repr((r["sample"] or "")[:40]))
-        source_ppl = next((r["source_ppl"] for r in rows if r["source_ppl"]), None)
-        if source_ppl:
-            table.caption = f"source PPL {source_ppl:.3f}, same token windows"
-            table.caption_justify = "left"
-        console.print(table)
-    for step in data["steps"]:
-        if step["kind"] == "publish" and step["status"] in ("built", "reused"):
-            console.print(f"published {step['data'].get('repo_id')} -> {step['data'].get('location')}")
-    counts = ", ".join(f"{v} {k}" for k, v in sorted(data["counts"].items()))
-    verdict = "ok" if data["ok"] else "FAILED"
-    console.print(f"{verdict}: {counts} in {data['seconds']:.1f} s; report {report_path}")
 
 
 @app.command()
@@ -276,7 +283,7 @@ def push(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only
     from .core.registry import kind_info
     from .core.step import BuildOptions
 
-    try:
+    with _exits(json_output, artifacts=[], steps=[]):
         the_plan, work = _plan(targets_file, work_dir, only, offline, llama_cpp, publish_to=to)
         work.check_unlocked()  # a build still running: its outputs are not there yet, and it publishes itself
         # the publish steps and, to the Hub, the uploads ahead of them: what a push runs
@@ -285,9 +292,7 @@ def push(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only
             load_inputs(step, work, made_first={s.label for s in publishing})
         result = run_plan(Plan(the_plan.targets, topological(publishing)), work, BuildOptions(keep_going=True),
                           make_reporter(json_output))
-    except QuantforgeError as exc:
-        raise _fail(exc) from None
-    _finish(result, work, json_output)
+        _finish(result, work, json_output)
 
 
 @app.command("eval")
@@ -307,44 +312,46 @@ def eval_(artifact: Annotated[Path, typer.Argument(help="A GGUF file, or a GPTQ/
     """Measure a GGUF or a GPTQ/AWQ checkpoint against its source model: PPL, ΔPPL, KLD, top-1, tokenizer."""
     from pydantic import ValidationError
 
-    from .config.schema import EvaluationSettings
+    from .config.schema import EvaluationSettings, check_gate_limit
     from .console import make_reporter
     from .core.engine import run_plan
     from .core.step import BuildOptions, PlanContext
     from .errors import BadInputError
-    from .figures import format_num, format_pct
     from .pipeline import plan_adhoc
+    from .report import artifact_status, evaluation_line, first_error
     from .store import WorkDir, finite_json
 
-    try:
+    with _exits(json_output, artifact=str(artifact), status="failed"):
         if Path(source).expanduser().is_dir():  # an existing folder is local, with or without ./
             source = str(Path(source).expanduser().resolve())
         try:
             settings = EvaluationSettings(dataset=dataset, ctx=ctx, chunks=chunks)
         except ValidationError as exc:
             raise BadInputError("; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())) from None
+        for table, limit in (("max_ppl_increase", max_ppl_increase), ("max_kld", max_kld)):
+            try:  # the bounds a targets file's gates have
+                check_gate_limit(table, limit or 0.0)
+            except ValueError as exc:
+                raise BadInputError(f"--{table.replace('_', '-')}: {exc}") from None
         work = WorkDir(work_dir)
         context = PlanContext(work=work, offline=offline)
         the_plan = plan_adhoc(artifact, source, revision, settings, context, max_ppl_increase, max_kld)
         result = run_plan(the_plan, work, BuildOptions(keep_going=True), make_reporter(json_output))
-    except QuantforgeError as exc:
-        raise _fail(exc) from None
-    steps = {r.label: r for r in result.results}
-    evaluation = steps[f"{artifact.name}:evaluate"]
-    gate = steps[f"{artifact.name}:gate"]
+    data = finite_json(result.to_json())
+    by_label = {s["label"]: s for s in data["steps"]}
+    # the artifact's own steps, by what they are (a label is named after the file, a symlink's target's name)
+    mine = {s["stage"]: s for s in data["steps"] if s.get("stage") in ("artifact", "evaluate", "gate")}
+    status = artifact_status([mine[stage] for stage in ("artifact", "evaluate", "gate")], by_label)
+    evaluation, gate = mine["evaluate"], mine["gate"]
     if json_output:
-        typer.echo(json.dumps(finite_json({"artifact": str(artifact), "ok": result.ok, **evaluation.data,
-                                           "gate": gate.error or "pass"}), indent=2, allow_nan=False))
-    elif evaluation.data:
-        d = evaluation.data
-        parity = d.get("tokenizer") or {}
-        typer.echo(f"{artifact.name}: PPL {format_num(d['ppl'], 4)} ± {format_num(d['ppl_err'], 4)} (source "
-                   f"{format_num(d['source_ppl'], 4)}, ΔPPL {format_pct(d['delta_ppl'])}), KLD "
-                   f"{format_num(d['kld_mean'], 5)} (p99 {format_num(d['kld_p99'], 5)}), top-1 "
-                   f"{format_pct(d['top1'], signed=False)}, {d['tokens_scored']} tokens scored; tokenizer "
-                   f"{'matches' if parity.get('same', True) else 'DIFFERS: ' + parity['first_difference']}")
-        if gate.error:
-            typer.echo(f"error: {gate.error}", err=True)
+        gate_text = {"passed": "pass", "failed-gate": gate.get("error")}.get(status["status"])  # None: not reached
+        typer.echo(json.dumps({"artifact": str(artifact), "ok": result.ok, **evaluation.get("data", {}),
+                               **{k: v for k, v in status.items() if k != "gate"}, "gate": gate_text,
+                               "error": first_error(data)}, indent=2, allow_nan=False))
+    elif evaluation.get("data"):
+        typer.echo(evaluation_line(artifact.name, evaluation["data"]))
+        if gate.get("error"):
+            typer.echo(f"error: {gate['error']}", err=True)
     raise typer.Exit(0 if result.ok else 1)
 
 
@@ -438,8 +445,15 @@ def doctor(json_output: JsonOpt = False, llama_cpp: LlamaCppOpt = None,
     raise typer.Exit(0 if info.get("problems") in (None, "none") else 1)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # a cancelled CI job: end as an interrupted build does (workers closed, --json said)
+
+
 def main() -> None:
+    import signal
+
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminated)
     app()
 
 

@@ -46,7 +46,15 @@ def reason_text(reason: Reason) -> str:
             return f"output made by an older quantforge, without its {reason.new}; described again"
         case "moved":
             return f"same content, now at {reason.new}"
+        case "published-changed":
+            return f"published file changed: {reason.key} ({_changed(reason.old, reason.new)})"
     return reason.what
+
+
+def _changed(recorded: object, found: object) -> str:
+    if isinstance(recorded, int) and isinstance(found, int):
+        return f"{found} bytes, {recorded} published"
+    return f"sha256 {str(found)[:12]}…, {str(recorded)[:12]}… published"
 
 
 def reasons_text(reasons: list[Reason]) -> str:

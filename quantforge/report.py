@@ -29,6 +29,56 @@ def save(report: BuildReport, work: WorkDir) -> Path:
     return path
 
 
+def print_summary(data: dict[str, Any], report_path: Path) -> None:
+    """A finished build on the console (stderr): a table per model and format, what was published, the verdict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .figures import format_num, format_pct
+    from .steps.evaluation import VERIFY_PROMPT
+
+    console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:
+        console.width = 140  # CI logs do not wrap; an 80-column guess would squeeze the table unreadable
+    groups: dict[str, list[dict]] = {}
+    for row in artifact_rows(data):
+        # one table per model and format; a row per type (a one-artifact format's row is named by the format)
+        group = f"{row['model']}/{row['format']}" if row["type"] else row["model"]
+        groups.setdefault(group, []).append({**row, "type": row["type"] or row["format"]})
+    for group, rows in groups.items():
+        table = Table(title=group, title_justify="left", box=None, pad_edge=False)
+        table.add_column("type", no_wrap=True)
+        for col in ("MB", "bits/w", "PPL", "ΔPPL", "KLD", "top-1", "fallbacks", "gate"):
+            table.add_column(col, justify="right", no_wrap=True)
+        table.add_column(f"{VERIFY_PROMPT} ...", no_wrap=True, overflow="ellipsis", max_width=28)
+        for r in rows:
+            table.add_row(r["type"], str(r["size_mb"]), str(r["bpw"]), format_num(r["ppl"]),
+                          format_pct(r["delta_ppl"]), format_num(r["kld"], 4), format_pct(r["top1"], signed=False),
+                          str(r["fallbacks"]), r["gate"],
+                          repr((r["sample"] or "")[:40]))
+        source_ppl = next((r["source_ppl"] for r in rows if r["source_ppl"]), None)
+        if source_ppl:
+            table.caption = f"source PPL {source_ppl:.3f}, same token windows"
+            table.caption_justify = "left"
+        console.print(table)
+    for step in data["steps"]:
+        if step["kind"] == "publish" and step["status"] in ("built", "reused"):
+            console.print(f"published {step['data'].get('repo_id')} -> {step['data'].get('location')}")
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(data["counts"].items()))
+    verdict = "ok" if data["ok"] else "FAILED"
+    console.print(f"{verdict}: {counts} in {data['seconds']:.1f} s; report {report_path}")
+
+
+def evaluation_line(name: str, d: dict[str, Any]) -> str:
+    """`quantforge eval`'s one line: an artifact's measurements against its source."""
+    parity = d.get("tokenizer") or {}
+    return (f"{name}: PPL {format_num(d['ppl'], 4)} ± {format_num(d['ppl_err'], 4)} (source "
+            f"{format_num(d['source_ppl'], 4)}, ΔPPL {format_pct(d['delta_ppl'])}), KLD "
+            f"{format_num(d['kld_mean'], 5)} (p99 {format_num(d['kld_p99'], 5)}), top-1 "
+            f"{format_pct(d['top1'], signed=False)}, {d['tokens_scored']} tokens scored; tokenizer "
+            f"{'matches' if parity.get('same', True) else 'DIFFERS: ' + parity['first_difference']}")
+
+
 def artifact_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per built artifact: what a person wants to see after a build. An artifact's steps are found by
     the model, format and type each step carries, and by their stage (artifact, verify, evaluate, gate)."""
@@ -66,6 +116,76 @@ def artifact_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             "gate": _gate_status(gate),
         })
     return rows
+
+
+# What became of an artifact (`--json`'s "artifacts"): passed its gate; failed-gate (measured, outside its limits);
+# failed (before its gate: `step` names the step that failed, the artifact's own or one it needs, and `reason` says
+# why); not-run (the build stopped first, after another failure); up-to-date (its repo records it: nothing ran);
+# would-build (a dry run)
+ARTIFACT_STATUSES = ("passed", "failed-gate", "failed", "not-run", "up-to-date", "would-build")
+
+
+def artifact_statuses(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per artifact of a build report (its steps from `artifact` to `gate`, grouped by model, format and
+    type), with its status (ARTIFACT_STATUSES) and, when it did not pass, the step and the reason."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for step in data["steps"]:
+        if step.get("stage") in ("artifact", "verify", "evaluate", "gate"):
+            groups.setdefault((step.get("model"), step.get("format"), step.get("type")), []).append(step)
+    by_label = {step["label"]: step for step in data["steps"]}
+    return [{"artifact": "/".join(p for p in which if p), "model": which[0], "format": which[1], "type": which[2],
+             **artifact_status(steps, by_label)} for which, steps in groups.items()]
+
+
+def artifact_status(steps: list[dict[str, Any]], by_label: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The status of one artifact from its steps' results (in order, artifact to gate) and every step's by label
+    (to find the failure upstream that stopped it)."""
+    gate = next((s for s in steps if s.get("stage") == "gate"), None)
+    if gate is not None and gate["status"] in ("built", "reused"):
+        return {"status": "passed", "gate": gate.get("data", {}).get("gate")}
+    if gate is not None and gate["status"] == "failed":
+        return {"status": "failed-gate", **_failure(gate)}
+    for step in steps:
+        if step["status"] == "failed":
+            return {"status": "failed", **_failure(step)}
+    blocked = next((s for s in steps if s["status"] in ("skipped", "not-run")), None)
+    if blocked is not None:
+        cause = _first_failure(blocked, by_label)
+        if blocked["status"] == "skipped" and cause is not None:
+            return {"status": "failed", **_failure(cause)}
+        return {"status": "not-run", **({"after": _failure(cause)} if cause else {})}
+    if any(s["status"] == "would-build" for s in steps):
+        return {"status": "would-build"}
+    return {"status": "up-to-date"}
+
+
+def _failure(step: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in {"step": step["label"], "reason": step.get("error"), "kind": step.get("error_kind"),
+                              "hint": step.get("hint"), "log": step.get("log")}.items() if v}
+
+
+def _first_failure(step: dict[str, Any], by_label: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The failed step that kept `step` from running: along `input-failed` reasons; for a build stopped without
+    --keep-going, the first failure of the build."""
+    seen: set[str] = set()
+    while step["status"] != "failed" and step["label"] not in seen:
+        seen.add(step["label"])
+        blocked = [label for r in step.get("reasons", []) if r.get("what") == "input-failed"
+                   for label in r.get("new") or ()]
+        if not blocked or blocked[0] not in by_label:
+            return next((s for s in by_label.values() if s["status"] == "failed"), None)
+        step = by_label[blocked[0]]
+    return step if step["status"] == "failed" else None
+
+
+def first_error(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The first failed step of a build report as `--json`'s "error" (kind, message, hint, step, log)."""
+    failed = next((s for s in data["steps"] if s.get("status") == "failed"), None)
+    if failed is None:
+        return None
+    return {k: v for k, v in {"kind": failed.get("error_kind") or "StepFailed", "message": failed.get("error"),
+                              "hint": failed.get("hint"), "step": failed["label"], "log": failed.get("log")}.items()
+            if v}
 
 
 def _gate_status(gate: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import DiskFull, WorkDirLocked
+from .errors import BadInputError, DiskFull, WorkDirLocked
 from .figures import format_size
 
 MANIFEST = "manifest.json"
@@ -115,6 +115,8 @@ def safe_label(label: str) -> str:
 class WorkDir:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
+        if self.root.exists() and not self.root.is_dir():  # every write under it would fail with ENOTDIR
+            raise BadInputError(f"work dir {self.root} is a file, not a folder; pass --work-dir a folder")
 
     # ---- layout
     def step_dir(self, kind: str, key: str) -> Path:

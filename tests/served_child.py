@@ -1,5 +1,5 @@
 """A worker for tests of served workers (toolchains/worker.py): commands that print (from Python and straight to
-the file descriptors, as a C library does), hold memory, or die."""
+the file descriptors, as a C library does), hold memory, sleep, or die."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def hold(args: argparse.Namespace) -> dict[str, Any]:
     return {"ok": True, "pid": os.getpid()}
 
 
+def nap(args: argparse.Namespace) -> dict[str, Any]:
+    import time
+
+    time.sleep(args.seconds)
+    return {"ok": True}
+
+
 def die(args: argparse.Namespace) -> dict[str, Any]:
     os.kill(os.getpid(), signal.SIGKILL)
     return {"ok": True}
@@ -33,7 +40,8 @@ def main() -> int:
     h.add_argument("text")
     h.add_argument("--mb", type=int, default=0)
     sub.add_parser("die")
-    return serve(parser, {"hold": hold, "die": die})
+    sub.add_parser("nap").add_argument("seconds", type=float)
+    return serve(parser, {"hold": hold, "die": die, "nap": nap})
 
 
 if __name__ == "__main__":

@@ -184,24 +184,25 @@ def test_an_importance_matrix_lowers_the_kld_of_q4_k_m_on_windows_it_was_not_com
 
 @pytest.mark.slow
 def test_bad_group_size_fails_that_target_with_the_layer_and_the_sizes_that_work(tmp_path, tiny_models):
-    source = tiny_models("llama")  # hidden 64: k/v projections have 32 outputs
+    # hidden 96: a group of 64 fits under it but divides no layer that reads it; AWQ cannot take 96 outputs
+    source = tiny_models("llama", hidden=96)
     (tmp_path / "t.yaml").write_text(
         "defaults:\n  publish: {to: 'dir:./out'}\n  calibration: {samples: 2, seq_len: 32}\n"
         "  evaluation: {ctx: 64, chunks: 2}\n"
-        f"models:\n  - {{name: m, source: {source}, formats: {{gptq: {{group_size: 48}}, awq: {{group_size: 32}}}}}}\n")
+        f"models:\n  - {{name: m, source: {source}, formats: {{gptq: {{group_size: 64}}, awq: {{group_size: 32}}}}}}\n")
     proc = quantforge("build", str(tmp_path / "t.yaml"), "--work-dir", str(tmp_path / "work"), "--json",
                       "--keep-going")
     assert proc.returncode == 1
     steps = {s["label"]: s for s in json.loads(proc.stdout)["steps"]}
     gptq = steps["m/gptq:quantize"]
     assert gptq["status"] == "failed"
-    assert re.fullmatch(r"group_size 48 does not divide the input size 64 of model\.layers\.0\.self_attn\.q_proj"
+    assert re.fullmatch(r"group_size 64 does not divide the input size 96 of model\.layers\.0\.self_attn\.q_proj"
                         r" and \d+ more layers", gptq["error"])
-    assert gptq["hint"] == "group sizes that divide every layer: 16, 32, 64, -1"
+    assert gptq["hint"] == "group sizes that divide every layer: 16, 32, -1"
     awq = steps["m/awq:quantize"]
-    assert awq["status"] == "failed" and "multiples of 64; model.layers.0.self_attn.k_proj has 32" in awq["error"]
+    assert awq["status"] == "failed" and "multiples of 64; model.layers.0.self_attn.q_proj has 96" in awq["error"]
     assert not (tmp_path / "out").exists()
-    assert "group_size 48" in proc.stderr and "hint: group sizes" in proc.stderr
+    assert "group_size 64" in proc.stderr and "hint: group sizes" in proc.stderr
 
 
 def test_shape_check_accepts_what_divides():

@@ -521,3 +521,139 @@ def test_any_input_gives_targets_or_a_located_config_error(fuzz_dir, raw):
     seconds = time.process_time() - start
     SLOWEST[0] = max(SLOWEST[0], seconds)
     assert seconds < 1.0, f"{seconds:.2f}s"
+
+
+# --------------------------------------------------------------------- values that mean nothing (issue 20, item 5)
+
+@pytest.mark.parametrize(("fmt", "size", "ok"), [
+    ("gptq", 18446744073709551617, False), ("gptq", 8, False), ("gptq", 48, False), ("gptq", 100, False),
+    ("gptq", 2048, False), ("gptq", 0, False), ("gptq", -2, False), ("awq", -1, False), ("awq", 96, False),
+    ("gptq", -1, True), ("gptq", 16, True), ("gptq", 32, True), ("gptq", 64, True), ("gptq", 128, True),
+    ("awq", 256, True), ("awq", 512, True), ("gptq", 1024, True),
+])
+def test_group_sizes_are_those_a_kernel_loads(write_targets, fmt, size, ok):
+    path = write_targets(f"models:\n  - name: m\n    source: org/m\n    formats: {{{fmt}: {{group_size: {size}}}}}\n")
+    if ok:
+        assert load_targets(path).models[0].formats.settings(fmt).group_size == size
+        return
+    issue = one_issue(path)
+    assert (issue.line, issue.key_path) == (4, f"models[0].formats.{fmt}.group_size"), str(issue)
+    assert "AWQ needs groups" in issue.message if size == -1 else "1024" in issue.message
+
+
+def test_a_group_size_above_the_models_hidden_size_is_refused_at_plan(write_targets, tmp_path):
+    from tiny_models import fake_checkpoint
+
+    from quantforge.core.step import PlanContext
+    from quantforge.errors import BadInputError
+    from quantforge.pipeline import build_plan
+    from quantforge.store import WorkDir
+
+    ckpt = fake_checkpoint(tmp_path / "ckpt")
+    (ckpt / "config.json").write_text(json.dumps({"hidden_size": 64, "torch_dtype": "float16"}))
+    context = PlanContext(work=WorkDir(tmp_path / "work"))
+    fits = write_targets("models:\n  - {name: m, source: ./ckpt, formats: {gptq: {group_size: 64}}}\n")
+    assert build_plan(load_targets(fits), context).steps
+    too_big = write_targets("models:\n  - {name: m, source: ./ckpt, formats: {gptq: {group_size: 128}}}\n")
+    with pytest.raises(BadInputError, match=r"m: formats\.gptq\.group_size 128 is larger than the model's hidden "
+                                            r"size 64 \(config\.json\)"):
+        build_plan(load_targets(too_big), context)
+
+
+@pytest.mark.parametrize(("gate", "ok"), [
+    ("max_ppl_increase: {gguf: 1e300}", False), ("max_ppl_increase: {gguf: 10.5}", False),
+    ("max_kld: {gguf/Q8_0: 11}", False), ("max_ppl_increase: {gptq: 1e19}", False),
+    ("max_ppl_increase: {gguf: 10}", True), ("max_kld: {gguf: 10}", True), ("max_ppl_increase: {gguf: 0}", True),
+])
+def test_gates_stay_within_what_a_real_artifact_can_mean(write_targets, gate, ok):
+    path = write_targets(f"{MODEL}    evaluation: {{{gate}}}\n")
+    if ok:
+        load_targets(path)
+        return
+    issue = one_issue(path)
+    assert issue.line == 5 and issue.key_path.startswith("models[0].evaluation.max_"), str(issue)
+    assert "is more than 10" in issue.message and "--no-gate" in issue.message
+
+
+@pytest.mark.parametrize(("option", "value"), [("--max-ppl-increase", "1e300"), ("--max-ppl-increase", "nan"),
+                                                ("--max-kld", "11"), ("--max-kld", "-1")])
+def test_eval_gate_options_have_the_same_bounds(tmp_path, option, value):
+    import subprocess
+    import sys
+
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
+    proc = subprocess.run([sys.executable, "-m", "quantforge.cli", "eval", str(tmp_path / "a.gguf"), "--source",
+                           str(tmp_path), option, value, "--work-dir", str(tmp_path / "w")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {option}: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# (YAML text, key path, the character named): written as YAML escapes, and the bidi override also raw
+INVISIBLE = [
+    ('publish: {to: "dir:out/\\u202egguf.exe"}', "models[0].publish.to", "U+202E RIGHT-TO-LEFT OVERRIDE"),
+    ("publish: {to: 'dir:out/\u202egguf.exe'}", "models[0].publish.to", "U+202E RIGHT-TO-LEFT OVERRIDE"),
+    ('source: "./ck\\u200bpt"', "models[0].source", "U+200B ZERO WIDTH SPACE"),
+    ('source: "org/m\\u2066"', "models[0].source", "U+2066 LEFT-TO-RIGHT ISOLATE"),
+    ('name: "m\\u200d"', "models[0].name", "U+200D ZERO WIDTH JOINER"),
+    ('revision: "main\\u200f"', "models[0].revision", "U+200F RIGHT-TO-LEFT MARK"),
+    ('evaluation: {dataset: "file:a\\u202a.txt"}', "models[0].evaluation.dataset",
+     "U+202A LEFT-TO-RIGHT EMBEDDING"),
+    ('allow_patterns: ["*\\ufeff.json"]', "models[0].allow_patterns[0]", "U+FEFF ZERO WIDTH NO-BREAK SPACE"),
+    ('runner: "gpu\\u00a0large"', "models[0].runner", "U+00A0 NO-BREAK SPACE"),
+    ('publish: {namespace: "acme\\u2028"}', "models[0].publish.namespace", "U+2028 LINE SEPARATOR"),
+    ('publish: {repo: "{model}\\u2060-GGUF"}', "models[0].publish.repo", "U+2060 WORD JOINER"),
+    ('base_model: "org/m\\u202d"', "models[0].base_model", "U+202D LEFT-TO-RIGHT OVERRIDE"),
+    ('license: other\n    license_name: "x\\u00ad"\n    license_link: LICENSE', "models[0].license_name",
+     "U+00AD SOFT HYPHEN"),
+    ('source: "./a\\x85b"', "models[0].source", "U+0085 a control character"),
+    ('source: "./a\\ue000b"', "models[0].source", "U+E000 (no name)"),
+]
+
+
+@pytest.mark.parametrize(("block", "key", "named"), INVISIBLE)
+def test_invisible_characters_in_paths_and_names_are_refused_by_name(write_targets, block, key, named):
+    fields = [line for line in ("name: m", "source: org/m") if not block.startswith(line.split(":")[0])]
+    text = "models:\n  - formats: {gguf: {}}\n" + "".join(f"    {line}\n" for line in [*fields, block])
+    issues = issues_of(write_targets(text))
+    issue = next(i for i in issues if i.key_path == key)
+    assert f"contains {named} (character " in issue.message, str(issue)
+    assert issue.line is not None
+
+
+@pytest.mark.parametrize(("remove", "missing"), [
+    ("config.json", "no config.json"), ("model.safetensors", "no weight files (*.safetensors, *.bin)"),
+    ("tokenizer.json", "no tokenizer (tokenizer.json, tokenizer.model, vocab.json, *.tiktoken)"),
+])
+def test_a_local_source_that_is_not_a_checkpoint_is_refused_at_validate_and_plan(tmp_path, remove, missing):
+    import subprocess
+    import sys
+
+    from tiny_models import fake_checkpoint
+
+    from quantforge.core.step import PlanContext
+    from quantforge.errors import SourceError
+    from quantforge.pipeline import build_plan
+    from quantforge.store import WorkDir
+
+    (fake_checkpoint(tmp_path / "ckpt") / remove).unlink()
+    path = tmp_path / "targets.yaml"
+    path.write_text("models:\n  - {name: m, source: ./ckpt, formats: {gguf: {}}}\n")
+    proc = subprocess.run([sys.executable, "-m", "quantforge.cli", "validate", str(path)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr == f"error: {path}: models[0].source: ./ckpt: has {missing}: not a Hugging Face checkpoint\n"
+    with pytest.raises(SourceError) as info:
+        build_plan(load_targets(path), PlanContext(work=WorkDir(tmp_path / "work")))
+    assert str(info.value) == f"m: source folder {tmp_path / 'ckpt'} has {missing}: not a Hugging Face checkpoint"
+
+
+def test_the_size_refusal_says_what_limit_and_why(tmp_path):
+    path = tmp_path / "targets.yaml"
+    path.write_bytes(b"#" * (yaml_safe.MAX_BYTES + 1))
+    with pytest.raises(ConfigError) as info:  # refused unread: no line to name
+        load_targets(path)
+    [issue] = info.value.issues
+    assert issue.message == ("larger than 256 KB, the limit for a targets file (a real one is a few KB): the limit "
+                             "keeps a file given by mistake, such as a model or a log, from being read whole and "
+                             "parsed")

@@ -289,7 +289,7 @@ def test_an_unreachable_hub_is_one_line_that_says_what_to_do(monkeypatch):
 TINY_TARGETS = """
 defaults:
   publish: {{to: "dir:./out", namespace: t}}
-  evaluation: {{ctx: 64, chunks: 2, max_ppl_increase: {{gguf: 1000}}, tokenizer_check: false}}
+  evaluation: {{ctx: 64, chunks: 2, max_ppl_increase: {{gguf: 10}}, tokenizer_check: false}}
 models:
   - name: t
     source: {source}

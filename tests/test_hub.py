@@ -95,16 +95,19 @@ def test_persistent_failure_is_a_clear_error_and_leaves_no_commit(hub, repo_file
     assert len(repo.commits) == 1 and repo.files["model-Q8_0.gguf"]["size"] == 9004
 
 
-def test_missing_reports_deleted_or_changed_files(hub, repo_files):
+def test_a_repo_listing_gives_sizes_and_lfs_hashes(hub, repo_files):
+    from quantforge.publish.copies import HeldFile
+
     files = repo_files()
     pub = publisher(hub)
     pub.publish("acme/m-GGUF", files, private=False, message="one")
-    hashes = {name: sha for name, (_, sha) in files.items()}
-    assert pub.missing("acme/m-GGUF", hashes) == []
+    held = pub.held("acme/m-GGUF")
+    # the size of every file, and the sha256 the Hub keeps of an LFS file (a regular file's it does not know)
+    assert held["model-Q8_0.gguf"] == HeldFile(files["model-Q8_0.gguf"][0].stat().st_size, files["model-Q8_0.gguf"][1])
+    assert held["README.md"] == HeldFile(files["README.md"][0].stat().st_size, None)
     del hub.repos["acme/m-GGUF"].files["model-Q8_0.gguf"]
-    assert pub.missing("acme/m-GGUF", {**hashes, "model-Q4_K_M.gguf": "0" * 64}) == ["model-Q4_K_M.gguf",
-                                                                                     "model-Q8_0.gguf"]
-    assert sorted(pub.missing("acme/other", hashes)) == sorted(hashes)
+    assert "model-Q8_0.gguf" not in pub.held("acme/m-GGUF")
+    assert pub.held("acme/other") is None
 
 
 def test_the_token_is_sent_but_never_logged(hub, repo_files, caplog, capsys):

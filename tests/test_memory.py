@@ -58,6 +58,7 @@ def test_cgroup_v2_limit(tmp_path):
 @pytest.fixture
 def targets(tmp_path: Path) -> Path:
     make_model(tmp_path / "m", "llama", hidden=128, layers=4)
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")  # planned, never tokenized with
     path = tmp_path / "targets.yaml"
     path.write_text(textwrap.dedent("""
         defaults:

@@ -149,6 +149,7 @@ def test_local_source_digest_follows_file_contents(write_targets, tmp_path):
     src.mkdir()
     (src / "config.json").write_text("{}")
     (src / "model.safetensors").write_bytes(b"weights-1")
+    (src / "tokenizer.json").write_text("{}")
     path = write_targets('models:\n  - {name: l, source: ./ckpt, formats: {gguf: {}}}\n')
 
     def source_key() -> str:

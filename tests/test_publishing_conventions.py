@@ -223,13 +223,15 @@ def test_base_model_is_declared_per_model_not_in_defaults(write_targets):
 
 
 def test_validate_warns_of_repos_without_a_model_tree_or_licence(write_targets, tmp_path):
+    from tiny_models import fake_checkpoint
+
+    fake_checkpoint(tmp_path / "m")  # validate refuses a local source folder that is not a checkpoint
     bare = write_targets(MODEL.format(source="./m", extra=""))
     proc = quantforge("validate", str(bare))
     assert proc.returncode == 0, proc.stderr
     assert "ok (1 models, 1 artifacts)" in proc.stdout
     assert "warning: m: acme/m-GGUF would publish without base_model or license" in proc.stderr
     # a licence in the local folder's own card counts; a Hub source is its own base model
-    (tmp_path / "m").mkdir()
     (tmp_path / "m" / "README.md").write_text("---\nlicense: mit\n---\n")
     proc = quantforge("validate", str(bare))
     assert "would publish without base_model;" in proc.stderr and "base_model or license" not in proc.stderr

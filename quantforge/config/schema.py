@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 import string
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -17,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -29,7 +31,11 @@ from .runner import DEFAULT_RUNNER, RunnerSpec
 # used with fullmatch: `$` would also match before a final newline, and "a\n" would name a folder
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Unicode categories of characters that show as nothing, or make other characters show as what they are not:
+# controls (Cc), format characters (Cf: the bidirectional overrides, with which "dir:out/\u202egguf.exe" reads as
+# "dir:out/exe.fugg", zero-width spaces and joiners, the BOM), surrogates, private use, unassigned code points,
+# and line and paragraph separators. A space other than U+0020 (Zs) is refused too: it looks like one.
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 # git check-ref-format forbids these in a ref; the Hub resolves branches, tags and commit shas
 _REVISION_RE = re.compile(r"[^\s\x00-\x1f\x7f~^:?*\[\\]{1,255}")
 # The Hub's limit for a repo's name and for a namespace. It also keeps file names short enough: the longest
@@ -41,6 +47,7 @@ _TEMPLATE_FIELDS = frozenset({"model", "format", "FORMAT"})
 
 def _check_name(value: str, what: str) -> str:
     """A name that becomes a folder and part of a repo id: ASCII letters, digits, '.', '_', '-'; at most 96."""
+    visible(value)
     if not _NAME_RE.fullmatch(value):
         raise ValueError(f"use letters, digits, '.', '_' or '-' ({what})")
     if len(value) > MAX_NAME:
@@ -49,10 +56,15 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
-def _no_control(value: str) -> str:
-    bad = _CONTROL_RE.search(value)
-    if bad:
-        raise ValueError(f"contains the control character {bad.group()!r}")
+def visible(value: str) -> str:
+    """`value`, when every character in it shows as itself (see _INVISIBLE); else a ValueError naming the first
+    one that does not, e.g. "U+202E RIGHT-TO-LEFT OVERRIDE"."""
+    for i, ch in enumerate(value):
+        category = unicodedata.category(ch)
+        if category in _INVISIBLE or (category == "Zs" and ch != " "):
+            name = unicodedata.name(ch, "a control character" if category == "Cc" else "(no name)")
+            raise ValueError(f"contains U+{ord(ch):04X} {name} (character {i + 1}), which shows as nothing or "
+                             "as something else; retype the value without it")
     return value
 
 
@@ -64,7 +76,7 @@ class _Strict(BaseModel):
 
 
 def _text_source(value: str) -> str:
-    _no_control(value)  # a NUL in a path makes open() raise ValueError at build time
+    visible(value)  # a NUL in a path makes open() raise ValueError at build time
     source = parse_text_source(value)  # ValueError says which forms are accepted
     if source.kind == "file" and not source.paths:
         raise ValueError("file: names no file; expected file:PATH[,PATH...]")
@@ -104,6 +116,13 @@ def format_settings() -> dict[str, type[FormatSettings]]:
     return dict(_FORMAT_SETTINGS)
 
 
+# The group sizes a real model can be quantized with: -1 (one group per row) or a power of two from 16 to 1024, the
+# union of what GPTQModel 7.6's kernels declare (SUPPORTS_GROUP_SIZE). Whether one divides every layer's input
+# size, and is not above the model's hidden size, is checked against the model itself (at plan time, and before
+# quantizing).
+GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+
+
 class CalibratedSettings(FormatSettings):
     """What formats calibrated on text share (GPTQ, AWQ): bit width, groups, and their own calibration text."""
 
@@ -120,8 +139,9 @@ class CalibratedSettings(FormatSettings):
     @field_validator("group_size")
     @classmethod
     def _group_size(cls, value: int) -> int:
-        if value != -1 and value < 16:
-            raise ValueError("expected -1 (one group per row) or a size of at least 16, such as 32, 64 or 128")
+        if value not in GROUP_SIZES:
+            raise ValueError(f"expected -1 (one group per row) or one of {', '.join(map(str, GROUP_SIZES[1:]))} "
+                             "(the sizes GPTQModel's kernels load; vLLM's Marlin kernels take 32, 64 and 128)")
         return value
 
     def quantize_params(self) -> dict[str, Any]:
@@ -182,7 +202,7 @@ class PublishTarget(_Strict):
     @classmethod
     def _known_publisher(cls, value: str) -> str:
         if (value.startswith("dir:") and value[4:].strip()) or value == "hub":
-            return _no_control(value)
+            return visible(value)
         raise ValueError("expected hub, or dir:PATH (a folder laid out like Hub repos)")
 
     @field_validator("namespace")
@@ -193,6 +213,7 @@ class PublishTarget(_Strict):
     @field_validator("repo")
     @classmethod
     def _repo_template(cls, value: str) -> str:
+        visible(value)
         # only bare placeholders: a format spec such as {model:>999999999} would build a gigabyte string
         try:
             fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(value)
@@ -209,6 +230,24 @@ class PublishTarget(_Strict):
 
     def repo_name(self, model: str, fmt: str) -> str:
         return self.repo.format(model=model, format=fmt, FORMAT=fmt.upper())
+
+
+# The loosest gate a limit may set: 10 is a perplexity eleven times the source's (+1000%), or a mean KL divergence
+# of 10 nats. An artifact past either is broken, not quantized; a larger limit (1e300) would pass anything and say
+# nothing. To publish regardless, build with --no-gate.
+GATE_LIMITS = {"max_ppl_increase": 10.0, "max_kld": 10.0}
+
+
+def check_gate_limit(table: str, limit: float, key: str | None = None) -> float:
+    """A gate's limit, checked: finite, at least 0, at most GATE_LIMITS[table]."""
+    where = f"{key!r}: " if key else ""
+    if not math.isfinite(limit) or limit < 0:  # NaN would pass `limit < 0` and every gate
+        raise ValueError(f"{where}must be >= 0 and finite")
+    if limit > GATE_LIMITS[table]:
+        raise ValueError(f"{where}{limit:g} is more than {GATE_LIMITS[table]:g}"
+                         + (" (+1000%: eleven times the source's perplexity)" if table == "max_ppl_increase" else "")
+                         + ", which passes a broken artifact; use --no-gate to publish regardless")
+    return limit
 
 
 class EvaluationSettings(_Strict):
@@ -238,7 +277,7 @@ class EvaluationSettings(_Strict):
 
     @field_validator("max_ppl_increase", "max_kld")
     @classmethod
-    def _gate_keys(cls, value: dict[str, float]) -> dict[str, float]:
+    def _gate_keys(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
         """Keys are FORMAT or FORMAT/TYPE of a registered format."""
         formats = format_settings()
         out = {}
@@ -248,9 +287,7 @@ class EvaluationSettings(_Strict):
                 raise ValueError(f"{key!r}: unknown format {fmt!r} (formats: {', '.join(formats)})")
             if qtype:
                 qtype = formats[fmt].gate_type(key, qtype)
-            if not math.isfinite(limit) or limit < 0:  # NaN would pass `limit < 0` and every gate
-                raise ValueError(f"{key!r}: must be >= 0 and finite")
-            out[f"{fmt}/{qtype.upper()}" if qtype else fmt] = limit
+            out[f"{fmt}/{qtype.upper()}" if qtype else fmt] = check_gate_limit(info.field_name, limit, key)
         return out
 
     def gate(self, table: str, fmt: str, qtype: str | None, default: float | None) -> float | None:
@@ -267,7 +304,7 @@ class ModelSettings(_Strict):
                           "plan time and recorded.")
     trust_remote_code: bool = Field(False, description="Also download the repo's *.py files, and let transformers "
                                     "run them.")
-    allow_patterns: list[Annotated[str, Field(min_length=1)]] | None = Field(
+    allow_patterns: list[Annotated[str, Field(min_length=1), AfterValidator(visible)]] | None = Field(
         None, description="The files downloaded from a Hub source (unset: *.safetensors *.json tokenizer.model "
         "*.tiktoken *.txt *.jinja README.md LICENSE*).")
     formats: Formats = Field(Formats(), description="What to build: one entry per format.")
@@ -282,9 +319,9 @@ class ModelSettings(_Strict):
     license: Annotated[str, AfterValidator(check_license)] | None = Field(
         None, description="The Hub licence id the model's repos declare (apache-2.0, llama3.1, …; unset: the source "
         "card's); `other` takes `license_name` and `license_link`. `validate` warns when a repo would have none.")
-    license_name: Annotated[str, AfterValidator(check_license_name)] | None = Field(
+    license_name: Annotated[str, AfterValidator(visible), AfterValidator(check_license_name)] | None = Field(
         None, description="With `license: other`: the licence's name.")
-    license_link: Annotated[str, AfterValidator(check_license_link)] | None = Field(
+    license_link: Annotated[str, AfterValidator(visible), AfterValidator(check_license_link)] | None = Field(
         None, description="With `license: other`: a link to the licence's text.")
 
     @model_validator(mode="after")
@@ -304,7 +341,7 @@ class ModelSettings(_Strict):
     @field_validator("revision")
     @classmethod
     def _revision(cls, value: str) -> str:
-        if not _REVISION_RE.fullmatch(value):
+        if not _REVISION_RE.fullmatch(visible(value)):
             raise ValueError("expected a branch, tag or commit sha: not empty, no spaces or control characters, "
                              "none of ~^:?*[\\")
         return value
@@ -324,7 +361,9 @@ class ModelTarget(ModelSettings):
     @field_validator("base_model")
     @classmethod
     def _base_model(cls, value: str | None) -> str | None:
-        if value is not None and (not _REPO_ID_RE.fullmatch(value) or any(len(p) > MAX_NAME for p in value.split("/"))):
+        if value is None:
+            return value
+        if not _REPO_ID_RE.fullmatch(visible(value)) or any(len(p) > MAX_NAME for p in value.split("/")):
             raise ValueError("expected a Hub repo id (org/name): the model the source is a copy of")
         return value
 
@@ -336,8 +375,9 @@ class ModelTarget(ModelSettings):
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:
+        visible(value)
         if is_local_source(value):
-            return _no_control(value)
+            return value
         if not _REPO_ID_RE.fullmatch(value):
             raise ValueError("expected a Hub repo id (org/name) or a local folder starting with ./, ../, / or ~")
         if any(len(part) > MAX_NAME for part in value.split("/")):

@@ -137,7 +137,9 @@ def read_bytes(path: Path, shown: str) -> bytes:
         message = getattr(exc, "strerror", None) or str(exc)
         raise ConfigError([ConfigIssue(shown, None, "", f"cannot read: {message}")]) from None
     if len(raw) > MAX_BYTES:
-        raise ConfigError([ConfigIssue(shown, None, "", f"larger than {MAX_BYTES // 1024} KB: not a targets file")])
+        raise ConfigError([ConfigIssue(shown, None, "", f"larger than {MAX_BYTES // 1024} KB, the limit for a targets "
+                                       "file (a real one is a few KB): the limit keeps a file given by mistake, such "
+                                       "as a model or a log, from being read whole and parsed")])
     return raw
 
 

@@ -37,6 +37,7 @@ class StepResult:
     seconds: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    error_kind: str | None = None  # the error's type (GateFailed, VerificationError, ...): what --json calls it
     hint: str | None = None
     log: str | None = None
     output_dir: str | None = None
@@ -59,7 +60,8 @@ class StepResult:
                                "model": step.model, "format": step.fmt, "type": step.qtype,
                                "stage": kind_info(step.kind).stage,
                                "reasons": [r.to_json() for r in self.reasons], "seconds": self.seconds,
-                               "data": self.data, "error": self.error, "hint": self.hint, "log": self.log,
+                               "data": self.data, "error": self.error, "error_kind": self.error_kind, "hint": self.hint,
+                               "log": self.log,
                                "output_dir": self.output_dir}
         return {k: v for k, v in out.items() if v not in (None, "", [], {})}
 
@@ -109,11 +111,12 @@ class BuildReport:
         }
 
 
-def must_run(plan: Plan, work: WorkDir, *, remote: bool = True,
-             recorded: dict[str, dict[str, Any]] | None = None) -> dict[str, list[Reason]]:
+def must_run(plan: Plan, work: WorkDir, *, remote: bool = True, recorded: dict[str, dict[str, Any]] | None = None,
+             verify: bool = False) -> dict[str, list[Reason]]:
     """label -> reasons, for every step that has to run (see the module docstring). `remote`: a step the work dir
     lacks is up to date when its destination's record carries its key, and serves the steps that read only its
-    data when the record keeps it (`recorded`, from core/staleness.recorded_outputs unless given)."""
+    data when the record keeps it (`recorded`, from core/staleness.recorded_outputs unless given). `verify`:
+    published copies are compared by content, not only by size."""
     if recorded is None:
         recorded = recorded_outputs(plan.steps) if remote else {}
     dependents: dict[int, list[tuple[Step, str | None]]] = {id(s): [] for s in plan.steps}
@@ -124,7 +127,7 @@ def must_run(plan: Plan, work: WorkDir, *, remote: bool = True,
             dependents[id(dep)].append((step, None))
     needed: dict[str, list[Reason]] = {}
     for step in reversed(plan.steps):
-        reasons = stale_reasons(step, work, remote=remote)
+        reasons = stale_reasons(step, work, remote=remote, verify=verify)
         if not reasons:
             continue
         users = dependents[id(step)]
@@ -198,7 +201,8 @@ def run_plan(plan: Plan, work: WorkDir, options: BuildOptions, reporter: Reporte
         with work.locked():
             work.clear_debris()
             recorded = recorded_outputs(plan.steps) if not options.offline else {}
-            todo = must_run(plan, work, remote=not options.offline, recorded=recorded)
+            todo = must_run(plan, work, remote=not options.offline, recorded=recorded,
+                            verify=options.verify_published)
             reporter.begin(len(plan.steps), options.dry_run)
             failed: set[str] = set()
             built_here: set[str] = set()
@@ -313,7 +317,8 @@ def _run_step(step: Step, reasons: list[Reason], work: WorkDir, options: BuildOp
             f.write("\n# quantforge: step failed\n")
             traceback.print_exc(file=f)
         result.status = "failed"
-        result.error = str(exc)
+        result.error = str(exc) or type(exc).__name__  # a bare exception still says what it was
+        result.error_kind = type(exc).__name__
         result.hint = getattr(exc, "hint", None)
         result.seconds = round(time.perf_counter() - started, 3)
     return result

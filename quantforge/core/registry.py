@@ -20,8 +20,10 @@ from typing import Any
 # (step, context) -> the step's data (a dict, or a typed result with to_json()); kept loose here because the
 # step contract (core/step.py) builds on this module
 RunFn = Callable[..., Any]
-CheckFn = Callable[..., Any]  # (step, cached manifest) -> a Reason why the cached output no longer holds, or None
-PublishedFn = Callable[..., Any]  # (step) -> the destination's record (core.step.Published)
+# (step, cached manifest, verify) -> the Reasons why the cached output no longer holds (empty: it does); `verify`:
+# the user asked for the thorough check (build --verify-published) over the cheap one
+CheckFn = Callable[..., Any]
+PublishedFn = Callable[..., Any]  # (step, verify) -> the destination's record (core.step.Published)
 
 # What a step is in an artifact's life; the report groups an artifact's steps by these. "extra": a file a format
 # publishes once per repo, beside its artifacts (the importance matrix). "publish": the publish step and, to the

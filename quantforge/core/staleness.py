@@ -21,17 +21,17 @@ from .registry import kind_info
 from .step import Published, Reason, Step
 
 
-def stale_reasons(step: Step, work: WorkDir, *, remote: bool = True) -> list[Reason]:
+def stale_reasons(step: Step, work: WorkDir, *, remote: bool = True, verify: bool = False) -> list[Reason]:
     """Why `step` must run; empty when its output is in the cache (and, where the kind can tell, still holds), or
-    when (`remote`) the destination's record says it was published with this very key."""
+    when (`remote`) the destination's record says it was published with this very key and holds what it lists.
+    `verify`: the kinds' thorough checks (content, not only sizes)."""
     manifest = work.lookup(step.kind, step.key)
     if manifest is not None:
         check = kind_info(step.kind).check
-        problem = check(step, manifest) if check else None
-        return [problem] if problem else []
-    record = published_record(step) if remote else None
+        return list(check(step, manifest, verify)) if check else []
+    record = published_record(step, verify) if remote else None
     if record is not None and record.key == step.key:
-        return []
+        return list(record.problems)
     last = work.last_state(step.label)
     if last is None:
         # no local history: the published record says what changed since, when there is one
@@ -49,17 +49,17 @@ def stale_reasons(step: Step, work: WorkDir, *, remote: bool = True) -> list[Rea
     return reasons or [Reason("inputs")]
 
 
-def moved(step: Step, manifest: dict[str, Any]) -> Reason | None:
+def moved(step: Step, manifest: dict[str, Any], verify: bool = False) -> list[Reason]:
     """The check of a step that records where a file outside the work dir is (step.local["path"], unkeyed: the
     key is its content): run again, cheaply, when the same content is now elsewhere, so what reads it finds it."""
     where = step.local.get("path")
-    return Reason("moved", new=where) if manifest.get("data", {}).get("path") != where else None
+    return [Reason("moved", new=where)] if manifest.get("data", {}).get("path") != where else []
 
 
-def published_record(step: Step) -> Published | None:
+def published_record(step: Step, verify: bool = False) -> Published | None:
     """The destination's record of `step`'s output, for kinds that publish; None for the others."""
     lookup = kind_info(step.kind).published
-    return lookup(step) if lookup else None
+    return lookup(step, verify) if lookup else None
 
 
 def recorded_outputs(steps: Iterable[Step]) -> dict[str, dict[str, Any]]:

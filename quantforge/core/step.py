@@ -96,6 +96,7 @@ class BuildOptions:
     offline: bool = False  # judge by the work dir alone: no look-up of what the destinations record
     evict: bool = False  # delete large outputs (registered evict=True) once every step that reads them has run
     keep_removed: bool = False  # a publish keeps the files of types no longer declared (default: deletes them)
+    verify_published: bool = False  # compare published copies by content, not only by size (publish/copies.py)
 
 
 @dataclass
@@ -139,6 +140,7 @@ class Reason:
           | since-published (key: a step's label; new: new | changed | removed, against the published record)
           | moved (new: where a file outside the work dir, keyed by its content, now is)
           | redescribe (new: what an output made by an older quantforge lacks; its step runs again, same key)
+          | published-changed (key: a published file; old: its recorded size or sha256, new: the one found)
     """
 
     what: str
@@ -150,7 +152,7 @@ class Reason:
         out: dict[str, Any] = {"what": self.what}
         if self.key is not None:
             out["key"] = self.key
-        if self.what in ("params", "tools"):
+        if self.what in ("params", "tools", "published-changed"):
             out.update(old=self.old, new=self.new)
         elif self.new is not None:
             out["new"] = self.new
@@ -175,3 +177,6 @@ class Published:
     # whose key is recorded need not run where only its data is read (core/staleness.py, recorded_outputs)
     records: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source_commit: str | None = None  # the Hub source's commit the publication was built from (provenance)
+    # what differs between the copy the destination holds and what the record lists (publish/copies.py): with the
+    # step's key recorded, these are why it runs again
+    problems: tuple[Reason, ...] = ()

@@ -34,7 +34,7 @@ from ..core.formats import (
 from ..core.registry import step_kind
 from ..core.staleness import moved
 from ..core.step import PlanContext, Step, StepContext, StepOutput
-from ..errors import VerificationError
+from ..errors import BadInputError, VerificationError
 from ..gguf_types import DEFAULT_MAX_PPL_INCREASE_BY_TYPE, GGUF_TYPES, IMATRIX_UNUSED, INTERMEDIATE_TYPES, NEEDS_IMATRIX
 from ..steps.calibration import IMATRIX_FILE, imatrix_step
 from ..steps.evaluation import REFERENCE_FILE, SAMPLE_FILE, VERIFY_PROMPT, VERIFY_TOKENS, WINDOWS_FILE
@@ -243,7 +243,13 @@ def adhoc(path: Path, source: Step, evaluation: EvalSteps, context: PlanContext)
     """`quantforge eval FILE.gguf`: a GGUF made elsewhere, identified by its content."""
     if not (path.is_file() and path.suffix == ".gguf"):
         return None
-    digest = context.memo(f"file:{path}", lambda: sha256_file(path))
+    from ..toolchains.gguf_header import read_header
+
+    try:  # a damaged file is refused here, in a second, before the source model is read
+        read_header(path)
+        digest = context.memo(f"file:{path}", lambda: sha256_file(path))
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{path}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)) from None
     # keyed by content alone: the same file evaluated from another folder or machine is the same artifact
     artifact = Step(kind="gguf.external", label=f"{path.name}:artifact", params={"sha256": digest},
                     local={"path": str(path)})

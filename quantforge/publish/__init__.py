@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,9 +28,10 @@ from ..core.staleness import upstream_keys
 from ..core.step import Published, Reason, Step, StepContext, StepOutput
 from ..data import portable_path
 from ..errors import PreuploadRejected, PublishError
-from ..store import sha256_file
+from ..store import WorkDir, sha256_file
 from ..toolchains.gguf_split import parse_size
 from ..toolchains.llamacpp import cache_root
+from . import copies
 from .record import (
     REPO_MANIFEST,
     file_entries,
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from .hub import PreuploadedFile
 
 __all__ = ["CARD_FILE", "REPO_MANIFEST", "PublishResult", "Publisher", "publish_step", "release_warnings",
-           "render_card", "run_publish"]
+           "render_card", "run_publish", "unlisted_files", "unlisted_warnings"]
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,9 @@ class Publisher(Protocol):
         (its data was recorded, its bytes are not here); `blobs` gives the git blob ids recorded of such files."""
         ...
 
-    def missing(self, repo_id: str, files: dict[str, str]) -> list[str]:
-        """Names of `files` (name -> sha256) the destination does not hold with that hash."""
+    def held(self, repo_id: str, hashes: Collection[str] = ()) -> dict[str, copies.HeldFile] | None:
+        """What the repo holds: name -> size and, where known (or read, for the names in `hashes`), sha256; None
+        when there is no such repo (publish/copies.py)."""
         ...
 
     def read_manifest(self, repo_id: str) -> dict[str, Any] | None:
@@ -161,8 +163,8 @@ def _artifact_name(artifact: Step) -> str:
 
 
 @step_kind("publish", version="3", stage="publish",
-           check=lambda step, manifest: check_published(step, manifest),
-           published=lambda step: published_record(step))
+           check=lambda step, manifest, verify=False: check_published(step, manifest, verify),
+           published=lambda step, verify=False: published_record(step, verify))
 def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
     source = ctx.inputs["source"]
     fmt = format_named(step.params["format"])
@@ -188,6 +190,8 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
     previous = previous_manifest(step)
     made = {**artifact_files, **{f.name: (f.path, f.sha256) for f in repo_files}}
     made_entries = file_entries(made, {name: f.sha256 for name, f in ahead.items()}, previous)
+    for name, file in ahead.items():  # sizes, as for the files here: what plan and build compare a copy with
+        made_entries[name]["size"] = file.size
     # a type no longer declared: its files go in the same commit, unless --keep-removed (then they stay listed)
     removed = removed_files(previous, made_entries)
     if ctx.options.keep_removed:
@@ -234,10 +238,16 @@ def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:
     except PreuploadRejected as exc:
         exc.hint = upload_again(step, ctx.inputs, exc.names)
         raise
-    _RECORDS.pop((destination(step), step.params["repo_id"]), None)  # what was read before this publish is old
+    # what was read of the destination before this publish is old
+    _RECORDS.pop((destination(step), step.params["repo_id"]), None)
+    copies.forget_held(destination(step), step.params["repo_id"])
     return {"repo_id": step.params["repo_id"], "to": step.params["to"],
             "files": {**{name: sha for name, (_, sha) in files.items()},
                       **{name: file.sha256 for name, file in ahead.items()}},
+            # what plan and build check the published copy against (publish/copies.py)
+            "sizes": {name: size for name, (path, _) in files.items()
+                      if (size := path.stat().st_size if path.is_file() else made_entries.get(name, {}).get("size"))}
+                     | {name: file.size for name, file in ahead.items()},
             **({"removed": removed} if removed else {}), **result.to_json()}
 
 
@@ -301,16 +311,42 @@ def release_warnings(targets: Targets) -> list[str]:
     return warnings
 
 
-def check_published(step: Step, manifest: dict[str, Any]) -> Reason | None:
-    """Whether the published copy still holds what the cached publish step recorded."""
-    files = manifest.get("data", {}).get("files", {})
-    try:
-        missing = publisher_for(destination(step)).missing(step.params["repo_id"], files)
-    except (OSError, PublishError) as exc:
-        # unreachable destination: trust the record rather than fail `plan` (the next push re-checks hashes)
-        log.warning("%s: cannot check the published copy (%s)", step.label, exc)
+def check_published(step: Step, manifest: dict[str, Any], verify: bool = False) -> list[Reason]:
+    """Why the published copy no longer holds what the cached publish step recorded: files missing, of another
+    size, or (where the destination gives it for free, or `verify`) of another sha256 (publish/copies.py)."""
+    where = destination(step)
+    return copies.check_copy(publisher_for(where), where, step.params["repo_id"],
+                             copies.expected_from_step(manifest.get("data", {})), verify=verify)
+
+
+def unlisted_files(step: Step, work: WorkDir) -> list[str] | None:
+    """The files `step`'s repo holds that its publication does not list: left by a build that published another
+    set of types into the same repo, or added by hand. `plan` reports them (a publish deletes only what a record
+    lists as quantforge's: record.removed_files). The publication is the repo's quantforge.json, else what the work
+    dir's publish step recorded. None when that cannot be told cheaply: no list of files, or a Hub repo not listed
+    this run (a listing is a request, and a nightly plan makes one per repo)."""
+    where, repo = destination(step), step.params["repo_id"]
+    if where == "hub" and not copies.was_listed(where, repo):
         return None
-    return Reason("published", new=missing) if missing else None
+    expected = copies.expected_from_record(_record(where, repo) or {})
+    if not expected:
+        cached = work.lookup(step.kind, step.key)
+        expected = copies.expected_from_step(cached.get("data", {})) if cached else None
+    if not expected:
+        return None
+    try:
+        held = copies.held_files(publisher_for(where), where, repo)
+    except (OSError, PublishError):
+        return None
+    return sorted(set(copies.unlisted(expected, held, manifest=REPO_MANIFEST)) - {CARD_FILE})
+
+
+def unlisted_warnings(steps: Sequence[Step], work: WorkDir) -> list[dict[str, Any]]:
+    """`plan`'s warnings: per publish step whose repo holds files its publication does not list, which."""
+    return [{"step": s.label, "repo_id": s.params["repo_id"], "unlisted": names,
+             "message": f"{s.params['repo_id']} holds {', '.join(names)}, which its publication does not list (left "
+                        "by a build of other types, or added by hand)"}
+            for s in steps if s.kind == "publish" and (names := unlisted_files(s, work))]
 
 
 # (destination, repo id) -> the repo's quantforge.json (None: none there), read once per process: `build` asks
@@ -318,23 +354,32 @@ def check_published(step: Step, manifest: dict[str, Any]) -> Reason | None:
 _RECORDS: dict[tuple[str, str], dict[str, Any] | None] = {}
 
 
-def published_record(step: Step) -> Published:
-    """What the destination records of the last publication of `step`'s repo (see core.step.Published)."""
-    where, repo = destination(step), step.params["repo_id"]
+def _record(where: str, repo: str) -> dict[str, Any] | None:
     if (where, repo) not in _RECORDS:
         _RECORDS[(where, repo)] = publisher_for(where).read_manifest(repo)
-    manifest = _RECORDS[(where, repo)] or {}
+    return _RECORDS[(where, repo)]
+
+
+def published_record(step: Step, verify: bool = False) -> Published:
+    """What the destination records of the last publication of `step`'s repo (see core.step.Published), and what
+    differs in the copy it holds (a folder's sizes, always; the Hub's only with `verify`: a listing is a request)."""
+    where, repo = destination(step), step.params["repo_id"]
+    manifest = _record(where, repo) or {}
     build = manifest.get("build") or {}
     location = repo if where == "hub" else f"{where[4:]}/{repo}"
     if where.startswith("dir:") and build and not _card_landed(Path(where[4:]) / repo, build.get("card_sha256")):
         build = {}  # a Hub commit is atomic; a folder publish cut short before its card is not a publication
+    problems: list[Reason] = []
+    expected = copies.expected_from_record(manifest) if build.get("key") and (where != "hub" or verify) else None
+    if expected is not None:
+        problems = copies.check_copy(publisher_for(where), where, repo, expected, verify=verify)
     records = build.get("records")
     commit = (manifest.get("source") or {}).get("commit") if isinstance(manifest.get("source"), dict) else None
     return Published(location=location, key=build.get("key"), steps=build.get("steps") or {},
                      data={"repo_id": repo, "to": step.params["to"], "location": location,
                            "published": "recorded at the destination"},
                      records=records if isinstance(records, dict) else {},
-                     source_commit=commit if isinstance(commit, str) else None)
+                     source_commit=commit if isinstance(commit, str) else None, problems=tuple(problems))
 
 
 def previous_manifest(step: Step) -> dict[str, Any] | None:
@@ -356,3 +401,4 @@ def _card_landed(folder: Path, sha256: str | None) -> bool:
 def forget_published() -> None:
     """Drop what was read of destinations (a long-lived process that publishes from elsewhere too)."""
     _RECORDS.clear()
+    copies.forget_held()

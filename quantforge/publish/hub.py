@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..errors import PreuploadRejected, PublishError
 from ..toolchains.hub_protocol import hub_transfers
 from . import PublishResult
+from .copies import HeldFile
 from .record import REPO_MANIFEST, git_blob_sha1
 
 if TYPE_CHECKING:
@@ -257,11 +258,21 @@ class HubPublisher:
 
         return self._call(f"reading {repo_id}/{REPO_MANIFEST}", fetch)
 
-    def missing(self, repo_id: str, files: dict[str, str]) -> list[str]:
-        remote = self.remote_files(repo_id)
-        # a regular file's sha256 is not on the Hub; its presence is what this cheap check can say
-        return [name for name, sha in files.items()
-                if name not in remote or (remote[name][0] is not None and remote[name][0] != sha)]
+    def held(self, repo_id: str, hashes: Collection[str] = ()) -> dict[str, HeldFile] | None:
+        """What the repo's main branch holds, in one listing request: each file's size, and an LFS file's sha256
+        (the Hub keeps it; a regular file's sha256 it does not know, and nothing is downloaded to learn it, so
+        `hashes` asks nothing more). None when there is no such repo."""
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        def listing() -> dict[str, HeldFile] | None:
+            try:
+                entries = self.api.list_repo_tree(repo_id, recursive=True)
+                return {e.path: HeldFile(e.size, e.lfs.sha256 if getattr(e, "lfs", None) else None)
+                        for e in entries if hasattr(e, "blob_id")}
+            except RepositoryNotFoundError:
+                return None
+
+        return self._call(f"listing {repo_id}", listing)
 
 
 def _record(path: Path, sha256: str) -> PreuploadedFile:

@@ -2,8 +2,10 @@
 
 Files are copies (reflinks where the filesystem can make them), never hard links: editing a published file must
 not touch the work dir's copy that later builds reuse. Each file is written under a temp name unique to this
-process and renamed into place, the card (README.md) last, so that two builds publishing into one folder do not
-collide, a reader never sees a half-copied file, and a repo never shows a card without its files.
+process and renamed into place: the files, then quantforge.json, then the card (README.md), so that two builds
+publishing into one folder do not collide, a reader never sees a half-copied file, a manifest never names a file
+that is not there yet, and a card never shows without its files. A publish killed mid-copy leaves its temp file
+(`.NAME.PID-xxxxxxxx.partial`); every publish first removes those of processes that are gone.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import PublishError
 from ..store import NO_SPACE, disk_full, sha256_file
 from . import REPO_MANIFEST, PublishResult
+from .copies import HeldFile, folder_listing
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +45,51 @@ def _copy(src: Path, dest: Path) -> None:
 
 
 def _publish_order(names: list[str]) -> list[str]:
-    # the artifacts first, the card last: a README.md in the folder means its files are there
-    return sorted(names, key=lambda n: (n == CARD_FILE, n))
+    # the artifacts first, then the manifest, the card last: a README.md in the folder means its files are there
+    return sorted(names, key=lambda n: (n == CARD_FILE, n == REPO_MANIFEST, n))
+
+
+# the temp name of a file being copied in: .NAME.PID-RANDOM.partial, beside where NAME goes
+_PARTIAL = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]{1,10})-[0-9a-f]{8}\.partial")
+
+
+def _temp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+
+
+def _writer_alive(pid: int) -> bool:
+    """Whether the process that named a temp file may still be writing it (this one may be, from another thread;
+    a zombie has stopped writing for good)."""
+    import psutil
+
+    if pid == os.getpid():
+        return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # another user's process: it exists
+        return True
+
+
+def remove_debris(folder: Path) -> list[str]:
+    """Delete what publishes killed mid-copy left in a repo folder: only files named as this module names its temp
+    files, and only those whose writer is gone (another build may be publishing into the folder right now). The
+    names removed, relative to `folder`."""
+    removed = []
+    for path in sorted(folder.rglob(".*.partial")) if folder.is_dir() else ():
+        match = _PARTIAL.fullmatch(path.name)
+        if match is None or not path.is_file() or path.is_symlink() or _writer_alive(int(match["pid"])):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:  # another publish removed it first
+            continue
+        removed.append(path.relative_to(folder).as_posix())
+    if removed:
+        log.info("%s: removed %d partial file(s) of publishes that did not finish: %s", folder, len(removed),
+                 ", ".join(removed))
+    return removed
 
 
 class LocalDirPublisher:
@@ -62,6 +109,7 @@ class LocalDirPublisher:
         order = _publish_order(list(files))
         tmp: Path | None = None
         try:
+            remove_debris(dest)
             dest.mkdir(parents=True, exist_ok=True)
             for i, name in enumerate(order):
                 path, sha = files[name]
@@ -74,7 +122,7 @@ class LocalDirPublisher:
                 if target.is_file() and target.stat().st_size == path.stat().st_size and sha256_file(target) == sha:
                     unchanged.append(name)
                     continue
-                tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+                tmp = _temp_name(target)
                 try:
                     _copy(path, tmp)
                 except OSError as exc:
@@ -105,7 +153,7 @@ class LocalDirPublisher:
             return None
         return data if isinstance(data, dict) else None
 
-    def missing(self, repo_id: str, files: dict[str, str]) -> list[str]:
-        dest = self.repo_dir(repo_id)
-        # existence only, to keep `plan` cheap; publish() compares hashes before it skips a file
-        return [name for name in files if not (dest / name).is_file()]
+    def held(self, repo_id: str, hashes: Collection[str] = ()) -> dict[str, HeldFile] | None:
+        """The repo folder's files by size (a stat each), sha256 read for the names in `hashes`; publishes' temp
+        files aside. None when there is no such folder."""
+        return folder_listing(self.repo_dir(repo_id), hashes, skip=lambda name: _PARTIAL.fullmatch(name) is not None)

@@ -3,9 +3,10 @@
 quantforge.json's `build` section keeps the publish step's key and, for every step upstream of it, what that step
 left (kind, key, params, tools, data and file hashes; never a local path): core/staleness.py reads them back as
 *recorded* outputs, so that a fresh runner re-gates, re-cards or adds a type without rebuilding what is recorded.
-Its `files` section lists every file quantforge put in the repo, with its sha256 and (for a file small enough to
-be a regular git file) its git blob id: what a publish may delete when a type is no longer declared (never a file
-a person added), and what it compares when the bytes themselves are not on this runner.
+Its `files` section lists every file quantforge put in the repo, with its sha256, its size and (for a file small
+enough to be a regular git file) its git blob id: what a publish may delete when a type is no longer declared
+(never a file a person added), what it compares when the bytes themselves are not on this runner, and what plan
+and build check the published copy against (publish/copies.py).
 """
 
 from __future__ import annotations
@@ -80,10 +81,11 @@ def file_entries(files: Mapping[str, tuple[Path, str]], ahead: Mapping[str, str]
             continue
         entry: dict[str, Any] = {"sha256": sha256}
         if path.is_file():
-            if path.stat().st_size <= REGULAR_FILE_MAX_BYTES:
+            entry["size"] = path.stat().st_size  # what plan and build compare the published copy with
+            if entry["size"] <= REGULAR_FILE_MAX_BYTES:
                 entry["blob"] = git_blob_sha1(path)
-        elif before.get(name, {}).get("sha256") == sha256 and "blob" in before[name]:
-            entry["blob"] = before[name]["blob"]
+        elif before.get(name, {}).get("sha256") == sha256:
+            entry.update({k: before[name][k] for k in ("blob", "size") if k in before[name]})
         out[name] = entry
     out.update({name: {"sha256": sha256} for name, sha256 in ahead.items()})
     return dict(sorted(out.items()))

@@ -39,7 +39,7 @@ from ..toolchains import gptqmodel
 from .calibration import CALIBRATION_FILE, calibration_settings
 from .evaluation import REFERENCE_FILE, SAMPLE_FILE, VERIFY_PROMPT, VERIFY_TOKENS, WINDOWS_FILE
 from .gate import gate_step
-from .source import DEFAULT_ALLOW_PATTERNS, local_digest
+from .source import DEFAULT_ALLOW_PATTERNS, hub_commit, local_digest
 
 CHECKPOINT_DIR = "checkpoint"
 # default gate by bit width: the largest relative perplexity increase over the source on the same windows
@@ -65,6 +65,11 @@ class CheckpointSettings(Protocol):
 
 def plan_checkpoint(method: str, target: CheckpointSettings, model: ModelTarget, source: Step,
                     evaluation: EvalSteps, context: PlanContext, calibration) -> PlannedFormat:
+    hidden = hidden_size(source)
+    if hidden is not None and target.group_size > hidden:  # every layer reading the hidden state would misfit
+        raise BadInputError(f"{model.name}: formats.{method}.group_size {target.group_size} is larger than the "
+                            f"model's hidden size {hidden} (config.json); use -1 (one group per row) or a size that "
+                            "divides it, such as 32, 64 or 128")
     tools = {"gptqmodel": context.memo("gptqmodel", gptqmodel.gptqmodel_version)}
     calib = calibration(dataset=target.dataset, samples=target.samples, seq_len=target.seq_len)
     quantize = Step(kind=f"{method}.quantize", label=f"{model.name}/{method}:quantize",
@@ -80,6 +85,23 @@ def plan_checkpoint(method: str, target: CheckpointSettings, model: ModelTarget,
                      DEFAULT_MAX_PPL_INCREASE_BY_BITS.get(target.bits), context.enforce_gates, model.name)
     return PlannedFormat(steps=[quantize, verify, evaluate, gate],
                          publishable=[Publishable(method, quantize, gate)])
+
+
+def hidden_size(source: Step) -> int | None:
+    """The source model's hidden size from its config.json, where that is on this machine at plan time (a local
+    folder, or a Hub source's file in the HF cache); None otherwise."""
+    folder = source.local.get("folder")
+    if folder:
+        config_file: str | Path | None = Path(folder) / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        config_file = try_to_load_from_cache(source.params["source"], "config.json", revision=hub_commit(source))
+    try:
+        config = json.loads(Path(config_file).read_text()) if isinstance(config_file, str | Path) else {}
+        return int(config.get("text_config", config)["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def evaluate_step(label: str, artifact: Step, evaluation: EvalSteps, source: Step, context: PlanContext,
@@ -105,8 +127,11 @@ def adhoc(method: str, path: Path, source: Step, evaluation: EvalSteps, context:
         raise BadInputError(f"{path}: config.json has quant_method {found!r}; expected gptq or awq")
     if found != method:
         return None
-    digest = context.memo(f"local:{path}", lambda: local_digest(path, list(DEFAULT_ALLOW_PATTERNS),
-                                                                 context.work.root))
+    try:
+        digest = context.memo(f"local:{path}", lambda: local_digest(path, list(DEFAULT_ALLOW_PATTERNS),
+                                                                     context.work.root))
+    except OSError as exc:  # a file that cannot be read (permissions, a broken link)
+        raise BadInputError(f"{path}: cannot read {exc.filename or 'a file'}: {exc.strerror or exc}") from None
     # keyed by content alone: the same folder evaluated from elsewhere is the same artifact
     artifact = Step(kind="checkpoint.external", label=f"{path.name}:artifact", params={"digest": digest},
                     local={"path": str(path)})

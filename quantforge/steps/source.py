@@ -54,6 +54,9 @@ def source_step(model: ModelTarget, targets: Targets, context: PlanContext) -> S
     # an existing folder is a local source even without ./ (as transformers decides), else a Hub repo id
     if is_local_source(model.source) or targets.resolve_path(model.source).is_dir():
         folder = targets.resolve_path(model.source)
+        gaps = checkpoint_gaps(folder)
+        if gaps:  # now, not after minutes of tokenizing
+            raise SourceError(f"{model.name}: source folder {folder} {gaps}")
         digest = context.memo(f"local:{folder}", lambda: local_digest(folder, patterns, context.work.root))
         # keyed by its content and its path as written (relative to the targets file), never the absolute folder
         params: dict[str, Any] = {"source": portable_path(model.source), "digest": digest}
@@ -66,6 +69,33 @@ def source_step(model: ModelTarget, targets: Targets, context: PlanContext) -> S
         params = {"source": model.source, "allow_patterns": patterns, "files": keyed}
         local = {"commit": revision.commit, "files": {n: f.size for n, f in files.items()}}
     return Step(kind="source", label=f"{model.name}:source", params=params, model=model.name, local=local)
+
+
+# What a build reads of a checkpoint: its config, its weights and its tokenizer (one of these files)
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
+
+
+def checkpoint_gaps(folder: Path) -> str:
+    """What a local checkpoint folder lacks of what a build reads, as the end of a sentence ("has no config.json,
+    no weight files (*.safetensors, *.bin)"); empty when nothing is missing."""
+    if not folder.is_dir():
+        return "does not exist" if not folder.exists() else "is not a folder"
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    missing = [what for what, patterns in (("config.json", ("config.json",)), ("weight files", WEIGHT_PATTERNS),
+                                           ("tokenizer", TOKENIZER_PATTERNS))
+               if not any(fnmatch.fnmatch(name, pattern) for name in names for pattern in patterns)]
+    shown = {"config.json": "no config.json", "weight files": f"no weight files ({', '.join(WEIGHT_PATTERNS)})",
+             "tokenizer": f"no tokenizer ({', '.join(TOKENIZER_PATTERNS)})"}
+    return f"has {', '.join(shown[m] for m in missing)}: not a Hugging Face checkpoint" if missing else ""
+
+
+def local_source_gaps(targets: Targets) -> list[tuple[int, str]]:
+    """(model index, what its local source folder lacks) for every model whose source folder is incomplete here:
+    what `quantforge validate` refuses."""
+    return [(i, f"{model.source}: {gaps}") for i, model in enumerate(targets.models)
+            if (is_local_source(model.source) or targets.resolve_path(model.source).is_dir())
+            and (gaps := checkpoint_gaps(targets.resolve_path(model.source)))]
 
 
 def hub_commit(step: Step) -> str | None:
@@ -228,10 +258,10 @@ def _cached_ref(repo_id: str, revision: str) -> str:
                           "revision; run once online or pin the commit sha") from None
 
 
-def _facts_kept(step: Step, manifest: dict[str, Any]) -> Reason | None:
+def _facts_kept(step: Step, manifest: dict[str, Any], verify: bool = False) -> list[Reason]:
     """An output made before the source step kept the card's facts is described again (same key: nothing
     made from it is stale)."""
-    return None if "facts" in manifest.get("data", {}) else Reason("redescribe", new="facts")
+    return [] if "facts" in manifest.get("data", {}) else [Reason("redescribe", new="facts")]
 
 
 @step_kind("source", version="1", check=_facts_kept)

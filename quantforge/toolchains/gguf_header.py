@@ -7,6 +7,7 @@ type enum still comes from gguf-py.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,61 +50,102 @@ class GGUFHeader:
         return out
 
 
-def _read(f: BinaryIO, fmt: str) -> Any:
-    size = struct.calcsize(fmt)
-    data = f.read(size)
-    if len(data) != size:
-        raise ValueError("truncated GGUF header")
-    return struct.unpack(fmt, data)[0]
+class CorruptGGUF(ValueError):
+    """A GGUF header that does not hold together: a length or count beyond the end of the file, or a value type
+    that does not exist. Says where."""
 
 
-def _string(f: BinaryIO) -> str:
-    return f.read(_read(f, "<Q")).decode("utf-8", errors="replace")
+class _Reader:
+    """Reads a header, bounding every length and count it reads by what is left of the file: a header declaring
+    a 2^60-byte string is refused at once, not allocated."""
+
+    def __init__(self, f: BinaryIO, size: int, path: Path):
+        self.f, self.size, self.path = f, size, path
+
+    def fail(self, at: int, what: str) -> CorruptGGUF:
+        return CorruptGGUF(f"{self.path.name}: corrupt GGUF header at offset {at}: {what} ({self.size} bytes in "
+                           "the file)")
+
+    def left(self) -> int:
+        return self.size - self.f.tell()
+
+    def read(self, fmt: str) -> Any:
+        at, size = self.f.tell(), struct.calcsize(fmt)
+        data = self.f.read(size)
+        if len(data) != size:
+            raise self.fail(at, "the file ends inside the header")
+        return struct.unpack(fmt, data)[0]
+
+    def skip(self, n: int, what: str, at: int) -> None:
+        """Skip `n` bytes of what the header declared at offset `at`."""
+        if n > self.left():
+            raise self.fail(at, f"{what} of {n} bytes runs past the end of the file")
+        self.f.seek(n, 1)
+
+    def string(self) -> str:
+        at = self.f.tell()
+        n = self.read("<Q")
+        if n > self.left():
+            raise self.fail(at, f"a string of {n} bytes runs past the end of the file")
+        return self.f.read(n).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.read(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            at = self.f.tell()
+            etype, count = self.read("<I"), self.read("<Q")
+            if count > self.left():  # every element takes at least a byte
+                raise self.fail(at, f"an array of {count} elements runs past the end of the file")
+            if etype in _SCALARS:
+                self.skip(struct.calcsize(_SCALARS[etype]) * count, "an array", at)
+            elif etype == _STRING:
+                for _ in range(count):
+                    where = self.f.tell()
+                    self.skip(self.read("<Q"), "a string", where)
+            else:
+                for _ in range(count):
+                    self.value(etype)
+            return ("array", count)
+        raise self.fail(self.f.tell() - 4, f"unknown value type {vtype}")
 
 
-def _value(f: BinaryIO, vtype: int) -> Any:
-    if vtype in _SCALARS:
-        return _read(f, _SCALARS[vtype])
-    if vtype == _STRING:
-        return _string(f)
-    if vtype == _ARRAY:
-        etype, count = _read(f, "<I"), _read(f, "<Q")
-        if etype in _SCALARS:
-            f.seek(struct.calcsize(_SCALARS[etype]) * count, 1)
-        elif etype == _STRING:
-            for _ in range(count):
-                f.seek(_read(f, "<Q"), 1)
-        else:
-            for _ in range(count):
-                _value(f, etype)
-        return ("array", count)
-    raise ValueError(f"unknown GGUF value type {vtype}")
+_MAX_DIMS = 8  # ggml has 4; room for a future format, none for a garbage count
 
 
 def read_header(path: Path) -> GGUFHeader:
+    """The header of the GGUF at `path`; CorruptGGUF (a ValueError) when it is not one, or does not hold together."""
     from gguf import GGMLQuantizationType
 
     with open(path, "rb") as f:
+        r = _Reader(f, os.fstat(f.fileno()).st_size, path)
         if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        _read(f, "<I")  # version
-        n_tensors, n_kv = _read(f, "<Q"), _read(f, "<Q")
+            raise CorruptGGUF(f"{path} is not a GGUF file")
+        r.read("<I")  # version
+        n_tensors, n_kv = r.read("<Q"), r.read("<Q")
         metadata = {}
-        for _ in range(n_kv):
-            key = _string(f)
-            metadata[key] = _value(f, _read(f, "<I"))
+        for _ in range(n_kv):  # each pass reads at least 12 bytes: a lying count ends at the end of the file
+            key = r.string()
+            metadata[key] = r.value(r.read("<I"))
         tensors = []
         for _ in range(n_tensors):
-            name = _string(f)
-            n_dims = _read(f, "<I")
-            shape = tuple(_read(f, "<Q") for _ in range(n_dims))
-            ttype = _read(f, "<I")
-            offset = _read(f, "<Q")
+            name = r.string()
+            at = f.tell()
+            n_dims = r.read("<I")
+            if n_dims > _MAX_DIMS:
+                raise r.fail(at, f"tensor {name!r} has {n_dims} dimensions")
+            shape = tuple(r.read("<Q") for _ in range(n_dims))
+            ttype = r.read("<I")
+            offset = r.read("<Q")
             try:
                 type_name = GGMLQuantizationType(ttype).name
             except ValueError:
                 type_name = f"type{ttype}"
             tensors.append(TensorInfo(name, shape, type_name, offset))
-        alignment = int(metadata.get("general.alignment", 32))
+        alignment = metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0:
+            raise r.fail(0, f"general.alignment is {alignment!r}")
         data_start = -(-f.tell() // alignment) * alignment
     return GGUFHeader(metadata, tensors, data_start)

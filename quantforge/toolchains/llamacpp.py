@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError, ConversionError, ToolchainError, VerificationError
+from .lifeline import child_options
 from .pins import tool_version
 
 PACKAGE = "llama-cpp-python"
@@ -119,7 +120,7 @@ def provision_converter(explicit_dir: str | None = None) -> Converter:
 def _download_sdist(version: str, into: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
            "--quiet", "-d", str(into), f"{PACKAGE}=={version}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, **child_options())
     found = sorted(into.glob("llama_cpp_python-*.tar.gz"))
     if proc.returncode != 0 or not found:
         raise ToolchainError(f"could not download the {PACKAGE} {version} source to get llama.cpp's converter: "
@@ -173,7 +174,8 @@ def convert(converter: Converter, source_dir: Path, out_file: Path, outtype: str
             if metadata is not None:
                 log.write(f"# --metadata: {json.dumps(metadata, ensure_ascii=False)}\n")
             log.flush()
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=converter.root, env=env)
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=converter.root, env=env,
+                                  **child_options())
     if proc.returncode == 0 and out_file.is_file():
         return
     raise _conversion_error(log_path.read_text(encoding="utf-8", errors="replace"), model_name)

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .lifeline import child_options
+
 PROGRESS_PREFIX = "quantforge-progress: "
 SERVE_FLAG = "--serve"
 _OWN_PROGRESS = re.compile(re.escape(PROGRESS_PREFIX) + r"(?P<text>[^\r\n]+)")
@@ -137,7 +139,8 @@ def run_worker(module: str, args: Sequence[str], log_path: Path, result_file: Pa
         if worker is not None:
             outcome = worker.run(argv, log_path, tick)
         else:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                    **child_options())
             try:
                 outcome = watch(proc, tick)
             except BaseException:  # interrupted: do not leave the child running
@@ -174,7 +177,8 @@ class ServedWorker:
         self.module = module
         self.busy = threading.Lock()
         self.proc = subprocess.Popen([sys.executable, "-m", module, SERVE_FLAG], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     **child_options())
 
     @property
     def pid(self) -> int:
