@@ -65,7 +65,7 @@ fingerprint() {
     "$VENV/bin/python" -c 'import sys; print(sys.version)'
     # the editable install points at this folder
     printf 'constraints=%s\ncmake=%s\nrepo=%s\n' "$CONSTRAINTS" "${CMAKE_ARGS:-}" "$PWD"
-    cat scripts/install_llama_cpp.sh
+    cat scripts/install_llama_cpp.sh 2>/dev/null || true
   } | sha256sum | cut -d' ' -f1
 }
 
@@ -102,7 +102,9 @@ else
     exit 1
   fi
   # the distribution was renamed quantforge -> quantforge-build: an older install of it would shadow the new one
-  "$VENV/bin/python" -m pip uninstall --quiet --yes quantforge >/dev/null 2>&1 || true
+  if "$VENV/bin/python" -c "import importlib.metadata as m; m.distribution('quantforge')" >/dev/null 2>&1; then
+    "$VENV/bin/python" -m pip uninstall --quiet --yes quantforge >/dev/null 2>&1 || true
+  fi
   say "installing quantforge and the rest (transformers, GPTQModel, test tools)"
   pip_install "installing the rest" -e ".[test]"
   if ! "$VENV/bin/python" -c "import quantforge, llama_cpp, torch, transformers"; then

@@ -38,14 +38,17 @@ else
 fi
 STAMP="$VENV/.llama-cpp-build"
 WANT="$VERSION $ARGS"
-if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] && "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
-  exit 0
+# up to date: built with these flags; or installed by other means (a user's own CUDA build), which is left alone
+if [ "$(cat "$STAMP" 2>/dev/null || echo none)" = "$WANT" ] || [ ! -f "$STAMP" ]; then
+  if "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+    exit 0
+  fi
 fi
 HOUSE="${QUANTFORGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/quantforge}/wheels/llama-cpp-python-$VERSION-$(printf '%s' "$ARGS" | sha256sum | cut -c1-16)"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 if ! ls "$HOUSE"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then
-  echo "bootstrap: compiling llama.cpp (llama-cpp-python $VERSION; about 5-15 minutes on two cores, once)"
-  echo "bootstrap:   CMAKE_ARGS=$ARGS"
+  echo "bootstrap: compiling llama.cpp (llama-cpp-python==$VERSION has no wheel on PyPI): about 5-15 minutes on two" \
+       "cores, once (CMAKE_ARGS=$ARGS)" >&2
   mkdir -p "$HOUSE"
   CMAKE_ARGS="$ARGS" "${PIP[@]}" wheel --quiet --no-cache-dir --no-deps -w "$HOUSE" "llama-cpp-python==$VERSION" \
     2>&1 | grep -v "^WARNING: Location" || true
