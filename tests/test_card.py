@@ -42,7 +42,7 @@ def test_card_for_a_hub_source(tmp_path):
     assert card.data.license == "apache-2.0" and card.data.library_name == "gguf"
     assert card.data.quantized_by == "acme" and {"gguf", "llama"} <= set(card.data.tags)
     assert "| [tiny-Q4_K_M.gguf](./tiny-Q4_K_M.gguf) | Q4_K_M | 4.50 GB | 36.00 | 10.400 ± 0.500 | +4.00% | " \
-           "0.0200 | 96.0% | 3 tensors fell back |" in text
+           "0.0200 | 96.0% | - | 3 tensors fell back |" in text
     assert "at commit `" + SHA + "`" in text and "[org/tiny](https://huggingface.co/org/tiny)" in text
     assert "llama-cli -hf acme/tiny-GGUF:Q4_K_M" in text and "ollama run hf.co/acme/tiny-GGUF:Q4_K_M" in text
     assert "lms get https://huggingface.co/acme/tiny-GGUF@Q4_K_M" in text

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..toolchains.gguf_split import parse_size
+from .text import visible
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(m|min|h|d)?", re.IGNORECASE)
@@ -86,6 +87,16 @@ def _size(value: Any) -> int:
     return size
 
 
+_SIZE = {"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 1}]}
+# What targets.yaml may write (the validators below turn each form into a RunnerSpec): for `quantforge schema`
+RUNNER_JSON_SCHEMA = {"anyOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    {"type": "object", "additionalProperties": False, "required": ["labels"], "properties": {
+        "labels": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]},
+        "cores": {"type": "integer", "minimum": 1}, "memory": _SIZE, "disk": _SIZE, "gpu_memory": _SIZE,
+        "timeout": {"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 1}]}}}]}
+
+
 class RunnerSpec(BaseModel):
     """A leg's runner: the labels `runs-on` gets, and the sizes declared for it (bytes; timeout in minutes)."""
 
@@ -110,6 +121,9 @@ class RunnerSpec(BaseModel):
     @classmethod
     def _labels(cls, value: Any) -> Any:
         labels = [value] if isinstance(value, str) else value
+        for label in labels if isinstance(labels, list | tuple) else ():
+            if isinstance(label, str):
+                visible(label)  # named, like any other invisible character in targets.yaml
         if not isinstance(labels, list | tuple) or not labels or not all(
                 isinstance(label, str) and _label_ok(label) for label in labels):
             raise ValueError("expected a runner label such as ubuntu-latest, or a list such as [self-hosted, gpu]")

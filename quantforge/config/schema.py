@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import re
 import string
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -19,6 +18,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -26,16 +26,12 @@ from pydantic import (
 from ..data import parse_text_source
 from ..errors import BadInputError
 from .licenses import check_license, check_license_link, check_license_name, check_release
-from .runner import DEFAULT_RUNNER, RunnerSpec
+from .runner import DEFAULT_RUNNER, RUNNER_JSON_SCHEMA, RunnerSpec
+from .text import visible
 
 # used with fullmatch: `$` would also match before a final newline, and "a\n" would name a folder
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-# Unicode categories of characters that show as nothing, or make other characters show as what they are not:
-# controls (Cc), format characters (Cf: the bidirectional overrides, with which "dir:out/\u202egguf.exe" reads as
-# "dir:out/exe.fugg", zero-width spaces and joiners, the BOM), surrogates, private use, unassigned code points,
-# and line and paragraph separators. A space other than U+0020 (Zs) is refused too: it looks like one.
-_INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 # git check-ref-format forbids these in a ref; the Hub resolves branches, tags and commit shas
 _REVISION_RE = re.compile(r"[^\s\x00-\x1f\x7f~^:?*\[\\]{1,255}")
 # The Hub's limit for a repo's name and for a namespace. It also keeps file names short enough: the longest
@@ -53,18 +49,6 @@ def _check_name(value: str, what: str) -> str:
     if len(value) > MAX_NAME:
         raise ValueError(f"{len(value)} characters; at most {MAX_NAME} ({what}; the Hub's limit, and it keeps "
                          "file names under the filesystem's 255 bytes)")
-    return value
-
-
-def visible(value: str) -> str:
-    """`value`, when every character in it shows as itself (see _INVISIBLE); else a ValueError naming the first
-    one that does not, e.g. "U+202E RIGHT-TO-LEFT OVERRIDE"."""
-    for i, ch in enumerate(value):
-        category = unicodedata.category(ch)
-        if category in _INVISIBLE or (category == "Zs" and ch != " "):
-            name = unicodedata.name(ch, "a control character" if category == "Cc" else "(no name)")
-            raise ValueError(f"contains U+{ord(ch):04X} {name} (character {i + 1}), which shows as nothing or "
-                             "as something else; retype the value without it")
     return value
 
 
@@ -311,7 +295,8 @@ class ModelSettings(_Strict):
     publish: PublishTarget = PublishTarget()
     evaluation: EvaluationSettings = EvaluationSettings()
     calibration: CalibrationSettings = CalibrationSettings()
-    runner: RunnerSpec = Field(DEFAULT_RUNNER, description="The GitHub Actions runner of this model's nightly leg "
+    runner: Annotated[RunnerSpec, WithJsonSchema(RUNNER_JSON_SCHEMA)] = Field(
+        DEFAULT_RUNNER, description="The GitHub Actions runner of this model's nightly leg "
                                "(`plan --github-matrix`): a label, a list of labels a runner must have all of "
                                "([self-hosted, gpu]), or {labels: [...], cores:, memory:, disk:, gpu_memory:, "
                                "timeout:} with its sizes, which plan checks the leg against.")
