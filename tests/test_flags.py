@@ -133,7 +133,7 @@ TINY = """
 defaults:
   publish: {{to: 'dir:./out', namespace: t}}
   formats: {{gguf: {{types: [Q8_0]}}}}
-  evaluation: {{ctx: 64, chunks: 2, max_ppl_increase: {{gguf: 1000}}, tokenizer_check: {check}}}
+  evaluation: {{ctx: 64, chunks: 2, max_ppl_increase: {{gguf: 10}}, tokenizer_check: {check}}}
 models:
   - {{name: m, source: {source}}}
 """
