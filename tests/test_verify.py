@@ -71,7 +71,7 @@ def test_a_nan_file_and_a_mute_file_fail_verification_and_are_neither_gated_nor_
     source = tiny_models("llama")
     (tmp_path / "targets.yaml").write_text(
         "defaults:\n  publish: {to: 'dir:./out', namespace: t}\n  formats: {gguf: {types: [F16]}}\n"
-        "  evaluation: {ctx: 64, chunks: 2, max_ppl_increase: {gguf: 1000}, tokenizer_check: false}\n"
+        "  evaluation: {ctx: 64, chunks: 2, max_ppl_increase: {gguf: 10}, tokenizer_check: false}\n"
         f"models:\n  - {{name: nan, source: {source}}}\n  - {{name: mute, source: {source}}}\n"
         f"  - {{name: sound, source: {source}}}\n")
     result = CliRunner().invoke(cli.app, ["build", str(tmp_path / "targets.yaml"), "--work-dir",
