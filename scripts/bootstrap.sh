@@ -95,7 +95,7 @@ else
   # says "compiling llama.cpp (... about 5-15 minutes ...)" when it has to; instant when its wheelhouse has one
   start_beat "installing llama.cpp"
   status=0
-  bash scripts/install_llama_cpp.sh "$VENV" || status=$?
+  bash scripts/install_llama_cpp.sh "$VENV" "$CONSTRAINTS" || status=$?
   stop_beat
   if [ "$status" -ne 0 ]; then
     say "failed while installing llama.cpp (messages above)"

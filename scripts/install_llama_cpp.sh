@@ -10,7 +10,8 @@
 # pip's wheel cache is keyed by the sdist alone, not by CMAKE_ARGS, so it would hand back a wheel built with other
 # flags; the build goes to a wheelhouse of our own, one folder per flag set, reused by later installs.
 set -euo pipefail
-VENV=${1:?usage: install_llama_cpp.sh VENV}
+VENV=${1:?usage: install_llama_cpp.sh VENV [CONSTRAINTS]}
+CONSTRAINTS=${2:-}
 cd "$(dirname "$0")/.."
 VERSION=$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml | head -n 1 | cut -d= -f3)
 
@@ -53,7 +54,11 @@ if ! ls "$HOUSE"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then
   CMAKE_ARGS="$ARGS" "${PIP[@]}" wheel --quiet --no-cache-dir --no-deps -w "$HOUSE" "llama-cpp-python==$VERSION" \
     2>&1 | grep -v "^WARNING: Location" || true
 fi
-"${PIP[@]}" install --quiet --force-reinstall --no-deps "$HOUSE"/llama_cpp_python-"$VERSION"-*.whl \
-  2>&1 | grep -v "^WARNING: Location" || true
+WHEEL=$(ls "$HOUSE"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -n 1 || true)
+[ -n "$WHEEL" ] || { echo "bootstrap: building llama-cpp-python==$VERSION left no wheel in $HOUSE" >&2; exit 1; }
+# --force-reinstall replaces a build with other flags; it would reinstall numpy & co. too, so it goes without
+# dependencies, and a second, plain install brings those (diskcache, jinja2, numpy) into a fresh venv.
+"${PIP[@]}" install --quiet --force-reinstall --no-deps "$WHEEL" 2>&1 | grep -v "^WARNING: Location" || true
+"${PIP[@]}" install --quiet ${CONSTRAINTS:+-c "$CONSTRAINTS"} "$WHEEL" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import llama_cpp" || { echo "bootstrap: llama-cpp-python did not install" >&2; exit 1; }
 echo "$WANT" > "$STAMP"
