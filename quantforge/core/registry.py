@@ -9,6 +9,9 @@ work dir (publishing) may give a `check` that says whether a cached output still
 that reads the record the destination keeps (so that a run without the work dir can tell it is up to date). A kind
 whose output is large and read only within one build (the F16 intermediate, the artifacts) says `evict=True`:
 `build --evict` deletes such an output once every step of the build that reads it has run.
+
+What a step of a kind costs (memory, disk, time) is said by the kind too, as `Estimates`: the memory, disk and
+runner-fit plans ask the registry and name no kind, so a new format's steps are counted as soon as they exist.
 """
 
 from __future__ import annotations
@@ -25,6 +28,24 @@ RunFn = Callable[..., Any]
 CheckFn = Callable[..., Any]
 PublishedFn = Callable[..., Any]  # (step, verify) -> the destination's record (core.step.Published)
 
+MemoryFn = Callable[..., Any]  # (step, source_dir, host, gpu) -> steps.memory.StepMemory
+SizeFn = Callable[..., int]  # (step, steps.disk.SourceSize) -> bytes
+SecondsFn = Callable[..., float]  # (step, SourceSize, cores, gpu: bool) -> seconds of work, besides a step's start
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """What a step of a kind costs, known before anything runs (steps/memory.py, steps/disk.py,
+    steps/duration.py, fit.py ask these). An unset hook: the kind costs nothing worth counting."""
+
+    memory: MemoryFn | None = None  # its peak memory, from the source's config and safetensors headers
+    output_bytes: SizeFn | None = None  # what its output adds to the disk
+    scratch_bytes: SizeFn | None = None  # what it writes and deletes again before it ends
+    seconds: SecondsFn | None = None  # how long its work takes
+    # its host memory when the source's shapes are not known yet (a runner's size is chosen before the fetch)
+    host_floor: SizeFn | None = None
+
+
 # What a step is in an artifact's life; the report groups an artifact's steps by these. "extra": a file a format
 # publishes once per repo, beside its artifacts (the importance matrix). "publish": the publish step and, to the
 # Hub, each artifact's upload ahead of it (what `quantforge push` runs).
@@ -40,6 +61,7 @@ class StepKind:
     check: CheckFn | None = None
     published: PublishedFn | None = None
     evict: bool = False
+    estimates: Estimates = Estimates()
 
 
 _KINDS: dict[str, StepKind] = {}
@@ -50,7 +72,8 @@ class UnknownStepKind(LookupError):
 
 
 def register(kind: str, run: RunFn, *, version: str = "0", stage: str = "", check: CheckFn | None = None,
-             published: PublishedFn | None = None, evict: bool | None = None) -> None:
+             published: PublishedFn | None = None, evict: bool | None = None,
+             estimates: Estimates | None = None) -> None:
     if stage not in STAGES:
         raise ValueError(f"{kind}: unknown stage {stage!r}")
     existing = _KINDS.get(kind)
@@ -58,15 +81,17 @@ def register(kind: str, run: RunFn, *, version: str = "0", stage: str = "", chec
         raise ValueError(f"step kind {kind!r} is registered twice ({existing.run.__module__}, {run.__module__})")
     # an artifact's bytes are needed until it is published, not after: evictable unless a kind says otherwise
     _KINDS[kind] = StepKind(kind, run, version, stage, check, published,
-                            stage == "artifact" if evict is None else evict)
+                            stage == "artifact" if evict is None else evict, estimates or Estimates())
 
 
 def step_kind(kind: str, *, version: str, stage: str = "", check: CheckFn | None = None,
-              published: PublishedFn | None = None, evict: bool | None = None) -> Callable[[RunFn], RunFn]:
+              published: PublishedFn | None = None, evict: bool | None = None,
+              estimates: Estimates | None = None) -> Callable[[RunFn], RunFn]:
     """Register the decorated function as the implementation of `kind`."""
 
     def decorate(run: RunFn) -> RunFn:
-        register(kind, run, version=version, stage=stage, check=check, published=published, evict=evict)
+        register(kind, run, version=version, stage=stage, check=check, published=published, evict=evict,
+                 estimates=estimates)
         return run
 
     return decorate
