@@ -75,7 +75,9 @@ class Comparison:
     kld: list[np.ndarray]
     top1_same: list[np.ndarray]
 
-    def add_window(self, logits: np.ndarray, window: np.ndarray, ref: Reference, offset: int) -> None:
+    def add_window(self, logits: np.ndarray, window: np.ndarray, ref: Reference) -> None:
+        """Score one window's logits ([len(window), vocab]); windows are added in the reference's order."""
+        offset = sum(len(scored) for scored in self.nll)
         first = first_scored(len(window))
         logprobs = log_softmax(logits[first:-1])
         n = len(logprobs)

@@ -65,7 +65,7 @@ def test_identical_model_has_zero_kld_and_full_agreement():
     window = rng.integers(0, 100, 64)
     ref = metrics.score_window(logits, window)
     comparison = metrics.Comparison([], [], [])
-    comparison.add_window(logits, window, ref, 0)
+    comparison.add_window(logits, window, ref)
     summary = metrics.summarize(comparison, ref)
     assert summary["delta_ppl"] == pytest.approx(0.0, abs=1e-6)
     assert summary["kld_mean"] == pytest.approx(0.0, abs=1e-6) and summary["top1"] == 1.0
@@ -80,11 +80,11 @@ def test_topk_kld_is_a_tight_lower_bound_of_the_exact_kld():
     exact = (np.exp(lp) * (lp - lq)).sum(-1).mean()
     comparison = metrics.Comparison([], [], [])
     ref = metrics.score_window(p_logits, window, k=32)
-    comparison.add_window(q_logits, window, ref, 0)
+    comparison.add_window(q_logits, window, ref)
     approx = metrics.summarize(comparison, ref)["kld_mean"]
     assert approx <= exact + 1e-6 and approx == pytest.approx(exact, rel=0.1)
     full = metrics.Comparison([], [], [])
-    full.add_window(q_logits, window, metrics.score_window(p_logits, window, k=200), 0)
+    full.add_window(q_logits, window, metrics.score_window(p_logits, window, k=200))
     assert float(np.concatenate(full.kld).mean()) == pytest.approx(exact, rel=1e-4)
 
 

@@ -141,14 +141,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     reference = metrics.Reference.load(args.reference)
     model, _ = _load(args.checkpoint, args.trust_remote_code)
     comparison = metrics.Comparison([], [], [])
-    offset = 0
     started = time.perf_counter()
     with torch.inference_mode():
         for i, window in enumerate(windows):
             ids = torch.from_numpy(window[None, :].astype(np.int64)).to(model.device)
             logits = model(ids).logits[0].float().cpu().numpy()
-            comparison.add_window(logits, window, reference, offset)
-            offset += len(comparison.nll[-1])
+            comparison.add_window(logits, window, reference)
             report_progress(f"window {i + 1}/{len(windows)}")
     seconds = time.perf_counter() - started
     result: dict[str, Any] = {"ok": True, **metrics.summarize(comparison, reference), "seconds": round(seconds, 3),

@@ -185,13 +185,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     llm = Llama(model_path=str(args.gguf), n_ctx=ctx, n_batch=min(ctx, 512), n_ubatch=min(ctx, 512),
                 logits_all=True, n_threads=threads, n_threads_batch=threads, n_gpu_layers=GPU_LAYERS, verbose=True)
     comparison = metrics.Comparison([], [], [])
-    offset = 0
     started = time.perf_counter()
     for window in windows:
         llm.reset()
         llm.eval(window.tolist())
-        comparison.add_window(llm.scores[:ctx], window, reference, offset)
-        offset += len(comparison.nll[-1])
+        comparison.add_window(llm.scores[:ctx], window, reference)
     seconds = time.perf_counter() - started
     result: dict[str, Any] = {"ok": True, **metrics.summarize(comparison, reference),
                               "threads": [llm.n_threads, llm.n_threads_batch],
