@@ -296,7 +296,8 @@ def push(targets_file: TargetsArg, work_dir: WorkDirOpt = DEFAULT_WORK_DIR, only
 
 
 @app.command("eval")
-def eval_(artifact: Annotated[Path, typer.Argument(help="A GGUF file, or a GPTQ/AWQ checkpoint folder, to measure.",
+def eval_(artifact: Annotated[Path, typer.Argument(help="An artifact to measure: a GGUF file, or a checkpoint "
+                                                    "folder of a format quantforge builds.",
                                                     show_default=False)],
           source: Annotated[str, typer.Option("--source", help="The model it was made from: a local folder or a "
                                               "Hub repo id.", show_default=False)],
@@ -309,7 +310,8 @@ def eval_(artifact: Annotated[Path, typer.Argument(help="A GGUF file, or a GPTQ/
               "--max-ppl-increase", help="Fail (exit 1) above this relative PPL increase, e.g. 0.05.")] = None,
           max_kld: Annotated[float | None, typer.Option("--max-kld", help="Fail above this mean KLD.")] = None,
           work_dir: WorkDirOpt = DEFAULT_WORK_DIR, json_output: JsonOpt = False, offline: OfflineOpt = False) -> None:
-    """Measure a GGUF or a GPTQ/AWQ checkpoint against its source model: PPL, ΔPPL, KLD, top-1, tokenizer."""
+    """Measure an artifact made elsewhere (a GGUF, a quantized checkpoint) against its source model: PPL, ΔPPL, KLD,
+    top-1, tokenizer."""
     from pydantic import ValidationError
 
     from .config.schema import EvaluationSettings, check_gate_limit

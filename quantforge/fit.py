@@ -22,12 +22,13 @@ from pathlib import Path
 from .config.runner import RunnerSize, RunnerSpec
 from .config.schema import ModelTarget, Targets
 from .core.plan import Plan
+from .core.registry import kind_info
 from .core.step import PlanContext, Reason, Step
 from .errors import RunnerTooSmall, SourceError, ToolchainError
 from .figures import format_duration, format_size
 from .steps.disk import SourceSize, disk_use
 from .steps.duration import LegTime, leg_time
-from .steps.memory import GPTQMODEL_BASELINE, HEAVY_KINDS, estimate_step
+from .steps.memory import estimate_step, is_heavy
 from .toolchains.memory import HostMemory
 
 # What installing the toolchain takes from the disk: torch's CPU wheel, llama.cpp, GPTQModel and pip's cache;
@@ -35,7 +36,6 @@ from .toolchains.memory import HostMemory
 INSTALL_BYTES = {False: 3 * 10**9, True: 10 * 10**9}
 # What the system and the runner's agent keep of a runner's memory
 SYSTEM_BYTES = 1 * 10**9
-_GPTQMODEL_KINDS = ("gptq.quantize", "awq.quantize")
 _NICE_GB = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -125,18 +125,20 @@ def leg_memory(steps: Iterable[Step], size: RunnerSize) -> tuple[int | None, str
     host = HostMemory(total=size.memory or 0, available=max(available, 0), cgroup=None)
     gpu = None if size.gpu_memory is None else (size.gpu_memory, size.gpu_memory)
     steps = list(steps)
-    known = [e for e in (estimate_step(s, host, gpu) for s in steps if s.kind in HEAVY_KINDS)
+    known = [e for e in (estimate_step(s, host, gpu) for s in steps if is_heavy(s))
              if e.host_bytes is not None]
     if known:
         top = max(known, key=lambda e: e.host_bytes or 0)
         return top.host_bytes, f"{top.label}: {top.how}"
-    gptq = next((s for s in steps if s.kind in _GPTQMODEL_KINDS), None)
     source = next((s for s in steps if s.kind == "source"), None) or \
         next((d for s in steps for d in s.inputs.values() if d.kind == "source"), None)
-    if gptq is not None and source is not None and source.local.get("files"):
-        params = SourceSize.of(source).params
-        return GPTQMODEL_BASELINE + 2 * params, (f"{gptq.label}: GPTQModel loads the whole model in fp16; more "
-                                                 "with its calibration, which the source's shapes tell once here")
+    # a step that holds the whole model says the least it needs from the source's size alone
+    floors = [(floor(s, SourceSize.of(source)), s) for s in steps
+              if (floor := kind_info(s.kind).estimates.host_floor) is not None] \
+        if source is not None and source.local.get("files") else []
+    if floors:
+        (least, how), step = max(floors, key=lambda f: f[0][0])
+        return least, f"{step.label}: {how}"
     return None, ("unknown until the source's config and safetensors headers are here (a Hub source: once "
                   "fetched); the torch passes stream layer by layer when memory is short")
 

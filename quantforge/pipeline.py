@@ -76,7 +76,8 @@ def plan_adhoc(artifact: Path, source: str, revision: str, settings: EvaluationS
     if path.exists():
         found = next((a for fmt in FORMATS.values() if (a := fmt.adhoc(path, src, evaluation, context))), None)
     if found is None:
-        raise BadInputError(f"{artifact}: expected a .gguf file or a GPTQ/AWQ checkpoint folder")
+        raise BadInputError(f"{artifact}: not an artifact of a format quantforge builds: expected a .gguf file or a "
+                            f"quantized checkpoint folder ({', '.join(FORMATS)})")
     fmt = found.format
     limits = settings.model_copy(update={"max_ppl_increase": {fmt: max_ppl_increase} if max_ppl_increase
                                          is not None else {}, "max_kld": {fmt: max_kld} if max_kld

@@ -347,7 +347,7 @@ def main() -> int:
 def limited(label: str, model_bytes: int, args: argparse.Namespace, env: dict[str, str]) -> None:
     """Build `label` again from scratch inside a memory cgroup."""
     from quantforge.figures import format_size
-    from quantforge.steps.memory import CONVERTER_BASELINE
+    from quantforge.formats.gguf_costs import CONVERTER_BASELINE
     from quantforge.toolchains.layerwise import checkpoint_tensors, estimate_peak_bytes
 
     source = args.root / "models" / label

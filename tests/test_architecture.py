@@ -48,6 +48,6 @@ def test_a_sideways_import_between_formats_and_publish_breaks_the_contract(tmp_p
 
 
 def test_a_cycle_inside_a_layer_breaks_the_contract(tmp_path):
-    root = _copy_with(tmp_path, "steps/gate.py", "\n\ndef _loop():\n    from . import checkpoint  # noqa\n")
+    root = _copy_with(tmp_path, "steps/evaluation.py", "\n\ndef _loop():\n    from . import calibration  # noqa\n")
     proc = lint_imports(root)
     assert proc.returncode != 0 and "No cycles are allowed in quantforge.steps" in proc.stdout

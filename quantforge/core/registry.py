@@ -31,6 +31,7 @@ PublishedFn = Callable[..., Any]  # (step, verify) -> the destination's record (
 MemoryFn = Callable[..., Any]  # (step, source_dir, host, gpu) -> steps.memory.StepMemory
 SizeFn = Callable[..., int]  # (step, steps.disk.SourceSize) -> bytes
 SecondsFn = Callable[..., float]  # (step, SourceSize, cores, gpu: bool) -> seconds of work, besides a step's start
+FloorFn = Callable[..., tuple[int, str]]  # (step, SourceSize) -> (bytes, how it runs, in words)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Estimates:
     scratch_bytes: SizeFn | None = None  # what it writes and deletes again before it ends
     seconds: SecondsFn | None = None  # how long its work takes
     # its host memory when the source's shapes are not known yet (a runner's size is chosen before the fetch)
-    host_floor: SizeFn | None = None
+    host_floor: FloorFn | None = None
 
 
 # What a step is in an artifact's life; the report groups an artifact's steps by these. "extra": a file a format

@@ -36,14 +36,14 @@ from ..core.staleness import moved
 from ..core.step import PlanContext, Step, StepContext, StepOutput
 from ..errors import BadInputError, VerificationError
 from ..gguf_types import DEFAULT_MAX_PPL_INCREASE_BY_TYPE, GGUF_TYPES, IMATRIX_UNUSED, INTERMEDIATE_TYPES, NEEDS_IMATRIX
-from ..steps.calibration import IMATRIX_FILE, imatrix_step
 from ..steps.evaluation import REFERENCE_FILE, SAMPLE_FILE, VERIFY_PROMPT, VERIFY_TOKENS, WINDOWS_FILE
 from ..steps.gate import gate_step
 from ..store import sha256_file
 from ..toolchains import imatrix_gguf, llamacpp
 from ..toolchains.gguf_split import split_gguf
-from . import gguf_release
+from . import gguf_costs, gguf_release
 from .gguf_card import CARD_TEMPLATE, render_gguf_card
+from .gguf_imatrix import IMATRIX_FILE, imatrix_step
 from .gguf_release import IMATRIX_FILE_KIND, imatrix_file_name
 
 __all__ = ["CARD_TEMPLATE", "FORMAT", "GGUFSettings", "artifact_name", "plan", "render_gguf_card"]
@@ -173,7 +173,8 @@ def evaluate_step(label: str, artifact: Step, evaluation: EvalSteps, source: Ste
                 qtype=qtype)
 
 
-@step_kind("gguf.convert", version="2", evict=True)  # the F16 intermediate: read only by this build
+# the F16 intermediate: read only by this build
+@step_kind("gguf.convert", version="2", evict=True, estimates=gguf_costs.CONVERT)
 def run_convert(step: Step, ctx: StepContext) -> dict[str, Any]:
     source = ctx.inputs["source"]
     converter = llamacpp.provision_converter(ctx.options.llama_cpp_dir)
@@ -185,7 +186,7 @@ def run_convert(step: Step, ctx: StepContext) -> dict[str, Any]:
     return {"converter": converter.version, **info}
 
 
-@step_kind("gguf.quantize", version="2", stage="artifact")
+@step_kind("gguf.quantize", version="2", stage="artifact", estimates=gguf_costs.QUANTIZE)
 def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
     intermediate = ctx.inputs["intermediate"].file(INTERMEDIATE_FILE)
     out_file = ctx.out_dir / step.params["file"]
@@ -265,7 +266,8 @@ def run_external(step: Step, ctx: StepContext) -> dict[str, Any]:
     return {"file": path.name, "path": str(path), "size": path.stat().st_size, **info}
 
 
-@step_kind("gguf.verify", version="2", stage="verify")  # 2: an EOS is not a generated token
+# 2: an EOS is not a generated token
+@step_kind("gguf.verify", version="2", stage="verify", estimates=gguf_costs.VERIFY)
 def run_verify(step: Step, ctx: StepContext) -> dict[str, Any]:
     artifact = ctx.inputs["artifact"]
     gguf_file = artifact_path(artifact)
@@ -277,7 +279,7 @@ def run_verify(step: Step, ctx: StepContext) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "ok"}
 
 
-@step_kind("gguf.evaluate", version="1", stage="evaluate")
+@step_kind("gguf.evaluate", version="1", stage="evaluate", estimates=gguf_costs.EVALUATE)
 def run_evaluate(step: Step, ctx: StepContext) -> dict[str, Any]:
     artifact = ctx.inputs["artifact"]
     tokens = ctx.inputs["tokens"]

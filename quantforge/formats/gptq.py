@@ -1,6 +1,6 @@
 """GPTQ through GPTQModel, written in the classic (v1) checkpoint format: `quant_method: gptq`,
 `checkpoint_format: gptq`, and a `quantize_config.json` beside `config.json`, which transformers, vLLM and TGI
-all read. The steps are those of every GPTQModel checkpoint (steps/checkpoint.py); the settings are declared
+all read. The steps are those of every GPTQModel checkpoint (formats/checkpoint.py); the settings are declared
 once, here, and give the step's parameters, GPTQModel's arguments and the card's description."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pydantic import Field
 
 from ..config.schema import CalibratedSettings
 from ..core.formats import register_format
-from ..steps import checkpoint
+from ..core.registry import step_kind
+from . import checkpoint
 
 
 class GPTQSettings(CalibratedSettings):
@@ -39,5 +40,18 @@ class GPTQ(checkpoint.CheckpointFormat):
     name = "gptq"
     settings = GPTQSettings
 
+    def runtimes(self, bits: int) -> list[str]:
+        # the versions are those that added the format to transformers
+        lines = ["**transformers** ≥ 4.32 with `optimum` and a GPTQ kernel package: auto-gptq up to transformers 4.x, "
+                 "GPTQModel from transformers 5 on (auto-gptq no longer imports there)",
+                 "**vLLM** reads the GPTQ settings from `config.json` (NVIDIA GPUs; Marlin kernels for 4- and 8-bit "
+                 "checkpoints)",
+                 "**Text Generation Inference**: `--quantize gptq`"]
+        if bits not in (4, 8):
+            lines.append(f"{bits}-bit GPTQ has fewer fast kernels than 4- and 8-bit: check your runtime's list")
+        return lines
 
+
+step_kind("gptq.quantize", version="1", stage="artifact",
+          estimates=checkpoint.quantize_estimates())(checkpoint.run_quantize)
 FORMAT = register_format(GPTQ())

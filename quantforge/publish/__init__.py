@@ -23,11 +23,13 @@ from .. import __version__
 from ..card import CARD_FILE, card_template_version, release_info, repo_id, source_card
 from ..config.schema import ModelTarget, Targets, is_local_source
 from ..core.formats import BuiltArtifact, CardInputs, Publishable, ReleaseInfo, format_named
-from ..core.registry import kind_info, step_kind
+from ..core.registry import Estimates, kind_info, step_kind
 from ..core.staleness import upstream_keys
 from ..core.step import Published, Reason, Step, StepContext, StepOutput
 from ..data import portable_path
 from ..errors import PreuploadRejected, PublishError
+from ..steps.disk import SourceSize, output_bytes
+from ..steps.rates import COPY_RATE
 from ..store import WorkDir, sha256_file
 from ..toolchains.gguf_split import parse_size
 from ..toolchains.llamacpp import cache_root
@@ -162,7 +164,14 @@ def _artifact_name(artifact: Step) -> str:
     return artifact.qtype or artifact.fmt
 
 
-@step_kind("publish", version="3", stage="publish",
+def _copy_seconds(step: Step, size: SourceSize, cores: int, gpu: bool) -> float:
+    """To a folder, every file is copied; to the Hub, the uploads ahead of the commit did the work."""
+    if not step.local.get("to", "").startswith("dir:"):
+        return 0.0
+    return sum(output_bytes(d, size) for d in step.inputs.values()) / COPY_RATE
+
+
+@step_kind("publish", version="3", stage="publish", estimates=Estimates(seconds=_copy_seconds),
            check=lambda step, manifest, verify=False: check_published(step, manifest, verify),
            published=lambda step, verify=False: published_record(step, verify))
 def run_publish(step: Step, ctx: StepContext) -> dict[str, Any]:

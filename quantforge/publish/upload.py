@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 from ..card import repo_id
 from ..config.schema import ModelTarget
 from ..core.formats import Publishable, PublishedArtifact, format_named
-from ..core.registry import step_kind
+from ..core.registry import Estimates, step_kind
 from ..core.step import Step, StepContext, StepOutput
+from ..steps.disk import SourceSize, output_bytes
+from ..steps.rates import HASH_RATE, UPLOAD_RATE
 from ..toolchains.gguf_split import parse_size
 from .record import git_blob_sha1
 
@@ -49,8 +51,18 @@ def upload_steps(model: ModelTarget, fmt: str, publishable: Sequence[Publishable
             for item in publishable]
 
 
+def _split_bytes(step: Step, size: SourceSize) -> int:
+    """An artifact over the size limit is split into shards, uploaded and deleted before the commit."""
+    whole = output_bytes(step.inputs["artifact"], size)
+    return whole if whole > step.params["max_file_size"] else 0
+
+
+UPLOAD_COSTS = Estimates(scratch_bytes=_split_bytes, seconds=lambda step, size, cores, gpu:
+                         output_bytes(step.inputs["artifact"], size) * (1 / UPLOAD_RATE + 1 / HASH_RATE))
+
+
 # 2: waits for its gate without being keyed by it (a changed gate uploads nothing again); kept files' blob ids
-@step_kind(UPLOAD_KIND, version="2", stage="publish")
+@step_kind(UPLOAD_KIND, version="2", stage="publish", estimates=UPLOAD_COSTS)
 def run_upload(step: Step, ctx: StepContext) -> dict[str, Any]:
     from .hub import HubPublisher
 

@@ -1,15 +1,9 @@
-"""Calibration: token windows cut once per (source, text, samples, seq_len) and shared by every method that
-calibrates; and the importance matrix that GGUF quantization weighs its errors with.
+"""Calibration: token windows cut once per (source, text, samples, seq_len) and shared by every format that
+calibrates (an importance matrix, a GPTQModel method): a format asks for its windows through the `calibration`
+callable the assembler hands it, and formats asking for the same text share one step.
 
-    source ─► calibration ─┬► gguf.imatrix ─► gguf.quantize[type]   (every type reuses one matrix)
-                           ├► gptq.quantize
-                           └► awq.quantize
-
-The importance matrix is what llama.cpp's `llama-imatrix` tool computes — the mean squared activation of each
-input column of each weight matrix over the calibration tokens — collected here with forward hooks on the
-source model in torch (llama.cpp's tool needs a GGUF and a compiled binary the wheel does not ship). Entries
-are stored under Hugging Face module names; the quantize step maps them to GGUF tensor names with the
-converter's own name map, so the matrix does not depend on the converter version.
+    source ─► calibration ─┬► <format>'s calibrated step
+                           └► <another format>'s
 """
 
 from __future__ import annotations
@@ -24,11 +18,10 @@ from ..config.schema import ModelTarget, Targets
 from ..core.registry import step_kind
 from ..core.step import PlanContext, Step, StepContext, StepOutput
 from ..data import cut_calibration, load_text, text_identity
-from ..toolchains import tokenizer_worker, torch_worker
+from ..toolchains import tokenizer_worker
 from .evaluation import local_text_source
 
 CALIBRATION_FILE = "calibration.npy"
-IMATRIX_FILE = "imatrix.npz"
 
 
 def calibration_step(model: ModelTarget, targets: Targets, source: Step, context: PlanContext, *,
@@ -56,11 +49,6 @@ def calibration_step(model: ModelTarget, targets: Targets, source: Step, context
         inputs={"source": source}, model=model.name, local=local))
 
 
-def imatrix_step(model: ModelTarget, source: Step, calibration: Step) -> Step:
-    return Step("gguf.imatrix", f"{model.name}/gguf:imatrix", params={"statistic": "mean_squared_input"},
-                inputs={"source": source, "calibration": calibration}, model=model.name, fmt="gguf")
-
-
 # ------------------------------------------------------------------------------------------------ runners
 
 @step_kind("calibration", version="2")  # 2: BOS only when the tokenizer adds one
@@ -74,16 +62,6 @@ def run_calibration(step: Step, ctx: StepContext) -> dict[str, Any]:
     np.save(ctx.out_dir / CALIBRATION_FILE, windows)
     return {"text_tokens": len(ids), "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
             "first_token": first, "bos_id": tokenized.bos_id, "adds_bos": tokenized.adds_bos}
-
-
-@step_kind("gguf.imatrix", version="1")
-def run_imatrix(step: Step, ctx: StepContext) -> dict[str, Any]:
-    # in a child process, streamed layer by layer when the model would not fit whole (see torch_worker)
-    result = torch_worker.imatrix(Path(ctx.inputs["source"].data["path"]),
-                                  ctx.inputs["calibration"].file(CALIBRATION_FILE), ctx.out_dir / IMATRIX_FILE,
-                                  ctx.log_path, label=step.label, progress=ctx.progress)
-    return {"entries": result.pop("entries"), "tokens": result.pop("tokens"),
-            "calibration": calibration_settings(ctx.inputs["calibration"]), **result}
 
 
 def calibration_settings(calibration: StepOutput) -> dict[str, Any]:

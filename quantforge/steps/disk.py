@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core.plan import evictable_inputs, file_readers, upstream_of_kind
+from ..core.registry import kind_info
 from ..core.step import Step
 from ..errors import DiskFull
 from ..figures import format_size
-from ..gguf_types import BITS_PER_WEIGHT
 from ..store import mount_of
 from .source import hub_commit, source_folder
 
@@ -30,8 +30,6 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 # the GGUF header holds the vocabulary and merges: about half the tokenizer files' size (JSON is verbose), again
 # in every file
 TOKENIZER_PATTERNS = ("tokenizer.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.json")
-INTERMEDIATE_BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "auto": 2.0}  # auto: a 16-bit type
-CHECKPOINT_KINDS = ("gptq.quantize", "awq.quantize")
 
 
 @dataclass(frozen=True)
@@ -73,27 +71,16 @@ def _itemsize(source: Step) -> int:
 
 
 def output_bytes(step: Step, size: SourceSize) -> int:
-    """About how much `step`'s output adds to the disk (0 for the small ones: windows, gates, logs)."""
-    if step.kind == "gguf.convert":
-        per_weight = INTERMEDIATE_BYTES_PER_WEIGHT.get(step.params.get("outtype", "auto"), 2.0)
-        return int(size.params * per_weight) + size.vocab_bytes
-    if step.kind == "gguf.quantize":
-        bits = BITS_PER_WEIGHT.get(step.params.get("type", ""), 16.0)
-        return int(size.params * bits / 8) + size.vocab_bytes
-    if step.kind in CHECKPOINT_KINDS:
-        # quantized linear layers plus the embeddings and head kept in 16 bits: an upper bound for large models
-        bits = int(step.params.get("bits", 4))
-        return int(size.params * 2 * min(1.0, bits / 16 + 0.15)) + size.vocab_bytes
-    return 0
+    """About how much `step`'s output adds to the disk, as its kind estimates it (0 for the small ones: windows,
+    gates, logs)."""
+    estimate = kind_info(step.kind).estimates.output_bytes
+    return estimate(step, size) if estimate is not None else 0
 
 
 def scratch_bytes(step: Step, size: SourceSize) -> int:
-    """About how much `step` writes and deletes again before it ends: the split shards of an artifact over the
-    size limit, uploaded to the Hub ahead of its commit (publish/upload.py)."""
-    if step.kind == "publish.upload":
-        whole = output_bytes(step.inputs["artifact"], size)
-        return whole if whole > step.params["max_file_size"] else 0
-    return 0
+    """About how much `step` writes and deletes again before it ends (an upload's split shards)."""
+    estimate = kind_info(step.kind).estimates.scratch_bytes
+    return estimate(step, size) if estimate is not None else 0
 
 
 @dataclass

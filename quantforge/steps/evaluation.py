@@ -21,10 +21,12 @@ import numpy as np
 from .. import metrics
 from ..config.schema import ModelTarget, Targets
 from ..core.formats import EvalSteps
-from ..core.registry import step_kind
+from ..core.registry import Estimates, step_kind
 from ..core.step import PlanContext, Step, StepContext
 from ..data import TextSource, cut_windows, load_text, parse_text_source, resolve_paths, text_identity
 from ..toolchains import tokenizer_worker, torch_worker
+from .memory import torch_pass_memory
+from .rates import torch_pass_seconds
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,8 @@ def run_tokens(step: Step, ctx: StepContext) -> dict[str, Any]:
 
 
 
-@step_kind("eval.reference", version="1")
+@step_kind("eval.reference", version="1",
+           estimates=Estimates(memory=torch_pass_memory, seconds=torch_pass_seconds))
 def run_reference(step: Step, ctx: StepContext) -> dict[str, Any]:
     # in a child process: a big model's out-of-memory kill fails this step only, torch's warnings go to its log,
     # and the child streams the model layer by layer when it would not fit whole (the figures are the same)

@@ -17,22 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from ..core.plan import upstream_of_kind
+from ..core.registry import kind_info
 from ..core.step import Step
 from ..errors import OutOfMemory
 from ..figures import format_size
 from ..toolchains.device import choose_forward, gpu_memory, nvidia_driver_present
 from ..toolchains.layerwise import PeakEstimate, checkpoint_tensors, estimate_peak_bytes
 from ..toolchains.memory import HostMemory, host_memory
+from .rates import token_shape
 from .source import hub_commit
-
-HEAVY_KINDS = ("eval.reference", "gguf.imatrix", "gptq.quantize", "awq.quantize", "gguf.convert", "gguf.quantize")
-# RSS of the processes before they hold any of the model: GPTQModel's worker (torch, transformers, gptqmodel
-# imported), llama.cpp's converter (it imports torch), the quantize worker (numpy, llama_cpp). With the bytes per
-# element of the largest tensor below, fitted to scripts/bench_scale.py's Qwen2/Llama 0.1B and 0.5B (measured
-# within 2% for the converter; the quantizer's 8 bytes are 10-15% above what it used)
-GPTQMODEL_BASELINE = 900 * 2**20
-CONVERTER_BASELINE = 350 * 2**20
-QUANTIZE_BASELINE = 100 * 2**20
 
 
 @dataclass(frozen=True)
@@ -81,7 +74,7 @@ def memory_plan(steps: Iterable[Step]) -> MemoryPlan:
     """The expected peak of every heavy step among `steps`, against what this machine has now."""
     host = host_memory()
     gpu = gpu_memory() if nvidia_driver_present() else None
-    return MemoryPlan(host, gpu, [estimate_step(s, host, gpu) for s in steps if s.kind in HEAVY_KINDS])
+    return MemoryPlan(host, gpu, [estimate_step(s, host, gpu) for s in steps if is_heavy(s)])
 
 
 def check_fits(steps: Iterable[Step]) -> MemoryPlan:
@@ -100,43 +93,28 @@ def check_fits(steps: Iterable[Step]) -> MemoryPlan:
 
 # ---------------------------------------------------------------------------------------------- estimates
 
+def is_heavy(step: Step) -> bool:
+    """Whether `step`'s kind says what memory it needs (the heavy kinds do; windows, gates, cards do not)."""
+    return kind_info(step.kind).estimates.memory is not None
+
+
 def estimate_step(step: Step, host: HostMemory, gpu: tuple[int, int] | None) -> StepMemory:
+    """A heavy step's peak, as its kind estimates it from the source's config and safetensors headers."""
     source_dir = _source_dir(step)
     if source_dir is None:
         return StepMemory(step.label, step.kind, None, None, "unknown until the source is fetched")
+    estimate = kind_info(step.kind).estimates.memory
+    assert estimate is not None, f"{step.kind} says nothing of its memory"
     try:
-        if step.kind in ("eval.reference", "gguf.imatrix"):
-            return _torch_pass(step, source_dir, host, gpu)
-        shapes = _shapes(source_dir)
+        return estimate(step, source_dir, host, gpu)
     except (OSError, ValueError, KeyError) as exc:  # no safetensors, an odd config: say so, do not fail the plan
         return StepMemory(step.label, step.kind, None, None, f"unknown ({exc})")
-    params, largest = shapes["params"], shapes["largest_numel"]
-    if step.kind in ("gptq.quantize", "awq.quantize"):
-        samples, seq_len = _calibration_shape(step)
-        # GPTQModel loads the whole model in fp16 in host memory, on a GPU too (it moves one layer at a time
-        # there); plus the calibration activations entering and leaving a layer (fp16) and one layer's Hessians
-        # (fp32, input size squared per linear layer)
-        activations = 2 * samples * seq_len * shapes["hidden"] * 2
-        hessians = 4 * (3 * shapes["hidden"] ** 2 + shapes["intermediate"] ** 2)
-        host_bytes = GPTQMODEL_BASELINE + 2 * params + activations + hessians
-        on_gpu = None if gpu is None else 2 * shapes["layer_params"] * 2 + activations + hessians
-        return StepMemory(step.label, step.kind, host_bytes, on_gpu,
-                          "GPTQModel loads the whole model in fp16 in host memory")
-    if step.kind == "gguf.convert":
-        # the converter's lazy tensors: one tensor at a time, as stored, in fp32, and as written (16-bit)
-        return StepMemory(step.label, step.kind, CONVERTER_BASELINE + largest * (shapes["itemsize"] + 4 + 2), None,
-                          "llama.cpp converter, one tensor at a time")
-    # gguf.quantize: llama_model_quantize reads a tensor (16-bit), converts it to fp32 and quantizes it
-    return StepMemory(step.label, step.kind, QUANTIZE_BASELINE + largest * (2 + 4 + 2), None,
-                      "llama.cpp quantizer, one tensor at a time")
 
 
-def _torch_pass(step: Step, source_dir: Path, host: HostMemory, gpu: tuple[int, int] | None) -> StepMemory:
-    if step.kind == "eval.reference":
-        tokens = step.inputs["tokens"].params
-        shape = (tokens["chunks"], tokens["ctx"])
-    else:
-        shape = _calibration_shape(step)
+def torch_pass_memory(step: Step, source_dir: Path, host: HostMemory, gpu: tuple[int, int] | None) -> StepMemory:
+    """A forward pass of the source in torch over a step's evaluation windows or calibration samples (the
+    reference, an importance matrix): whole when it fits, one decoder layer at a time when it does not."""
+    shape = token_shape(step)
     choice = choose_forward(lambda dtype: _estimate(source_dir, shape, dtype), host.available,
                             None if gpu is None else gpu[0])
     how = f"{choice.path} in {choice.dtype} on {choice.device}"
@@ -151,23 +129,30 @@ def _estimate(source_dir: Path, shape: tuple[int, int], dtype: str) -> PeakEstim
     return estimate_peak_bytes(source_dir, shape, dtype)
 
 
-def _calibration_shape(step: Step) -> tuple[int, int]:
-    calibration = step.inputs["calibration"].params
-    return int(calibration["samples"]), int(calibration["seq_len"])
+@dataclass(frozen=True)
+class SourceShapes:
+    """What a heavy step's estimate reads of the source: sizes from config.json and the safetensors headers."""
+
+    params: int  # every tensor's elements
+    largest_numel: int  # the largest tensor's elements
+    itemsize: int  # bytes per element as stored (the widest dtype)
+    hidden: int
+    intermediate: int
+    layer_params: int  # elements in one decoder layer
 
 
 @lru_cache(maxsize=16)
-def _shapes(source_dir: Path) -> dict[str, int]:
-    """Parameter counts and sizes from config.json and the safetensors headers."""
+def source_shapes(source_dir: Path) -> SourceShapes:
     config = json.loads((source_dir / "config.json").read_text())
     config = config.get("text_config", config)
     tensors = checkpoint_tensors(source_dir)  # name -> (stored dtype's itemsize, number of elements)
     layers = max(int(config.get("num_hidden_layers", 1)), 1)
     in_layers = sum(n for name, (_, n) in tensors.items() if ".layers." in name)
-    return {"params": sum(n for _, n in tensors.values()), "largest_numel": max(n for _, n in tensors.values()),
-            "itemsize": max(size for size, _ in tensors.values()), "hidden": int(config["hidden_size"]),
-            "intermediate": int(config.get("intermediate_size", 4 * config["hidden_size"])),
-            "layer_params": in_layers // layers}
+    return SourceShapes(params=sum(n for _, n in tensors.values()),
+                        largest_numel=max(n for _, n in tensors.values()),
+                        itemsize=max(size for size, _ in tensors.values()), hidden=int(config["hidden_size"]),
+                        intermediate=int(config.get("intermediate_size", 4 * config["hidden_size"])),
+                        layer_params=in_layers // layers)
 
 
 def _source_dir(step: Step) -> Path | None:

@@ -24,13 +24,14 @@ from ..card import SourceFacts
 from ..chat_template import has_chat_template
 from ..config.schema import ModelTarget, Targets, is_local_source
 from ..core.plan import upstream_of_kind
-from ..core.registry import step_kind
+from ..core.registry import Estimates, step_kind
 from ..core.staleness import published_record
 from ..core.step import PlanContext, Reason, Step, StepContext
 from ..data import portable_path
 from ..errors import SourceError
 from ..store import NO_SPACE, canonical_json, disk_full, sha256_file, write_json_atomic
 from ..toolchains.hub_protocol import hub_transfers
+from .rates import DOWNLOAD_RATE, HASH_RATE
 
 # What a conversion or quantization needs: weights as safetensors, configs, tokenizer files, chat templates.
 DEFAULT_ALLOW_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja",
@@ -264,7 +265,12 @@ def _facts_kept(step: Step, manifest: dict[str, Any], verify: bool = False) -> l
     return [] if "facts" in manifest.get("data", {}) else [Reason("redescribe", new="facts")]
 
 
-@step_kind("source", version="1", check=_facts_kept)
+def _fetch_seconds(step: Step, size: Any, cores: int, gpu: bool) -> float:
+    """Hashing every file; a Hub source is downloaded first."""
+    return size.total_bytes / HASH_RATE + (size.total_bytes / DOWNLOAD_RATE if "commit" in step.params else 0.0)
+
+
+@step_kind("source", version="1", check=_facts_kept, estimates=Estimates(seconds=_fetch_seconds))
 def run_fetch(step: Step, ctx: StepContext) -> dict[str, Any]:
     """The source step's work: make the checkpoint available locally and describe it."""
     params = step.params

@@ -1,6 +1,7 @@
 """Quantized Hugging Face checkpoints made by GPTQModel, checked by their real consumer, transformers, before
-they may be published. GPTQ and AWQ (formats/gptq.py, formats/awq.py) share these steps and differ only in
-their settings model, which also says what GPTQModel is asked for and what the card shows.
+they may be published: the machinery GPTQModel's methods share. Each method is a format of its own
+(formats/gptq.py, formats/awq.py) that registers its quantize kind and says, in its settings model, what
+GPTQModel is asked for and what the card shows, and in its format class which runtimes load it.
 
     source ─► calibration ─► <method>.quantize ─► checkpoint.verify ─► checkpoint.evaluate ─► gate ─► publish
 
@@ -30,18 +31,26 @@ from ..core.formats import (
     RepoFile,
     format_named,
 )
-from ..core.registry import step_kind
+from ..core.registry import Estimates, step_kind
 from ..core.staleness import moved
 from ..core.step import PlanContext, Step, StepContext, StepOutput
 from ..errors import BadInputError
 from ..figures import format_size
+from ..steps.calibration import CALIBRATION_FILE, calibration_settings
+from ..steps.disk import SourceSize, output_bytes
+from ..steps.evaluation import REFERENCE_FILE, SAMPLE_FILE, VERIFY_PROMPT, VERIFY_TOKENS, WINDOWS_FILE
+from ..steps.gate import gate_step
+from ..steps.memory import StepMemory, source_shapes
+from ..steps.rates import COPY_RATE, TORCH_RATE, compute_cores, step_tokens, token_shape
+from ..steps.source import DEFAULT_ALLOW_PATTERNS, hub_commit, local_digest
 from ..toolchains import gptqmodel
-from .calibration import CALIBRATION_FILE, calibration_settings
-from .evaluation import REFERENCE_FILE, SAMPLE_FILE, VERIFY_PROMPT, VERIFY_TOKENS, WINDOWS_FILE
-from .gate import gate_step
-from .source import DEFAULT_ALLOW_PATTERNS, hub_commit, local_digest
+from ..toolchains.memory import HostMemory
 
 CHECKPOINT_DIR = "checkpoint"
+# RSS of GPTQModel's worker before it holds any of the model (torch, transformers, gptqmodel imported)
+GPTQMODEL_BASELINE = 900 * 2**20
+# parameter-tokens per second per core: SmolLM2 135M, 32 x 512 calibration tokens, GPTQ in 16 min on 2 cores
+GPTQ_RATE = 135e6 * 32 * 512 / (16 * 60) / 2
 # default gate by bit width: the largest relative perplexity increase over the source on the same windows
 DEFAULT_MAX_PPL_INCREASE_BY_BITS = {8: 0.02, 4: 0.12, 3: 0.35, 2: 1.0}
 CALIBRATION_FIELDS = ("samples", "seq_len", "dataset")
@@ -115,17 +124,13 @@ def evaluate_step(label: str, artifact: Step, evaluation: EvalSteps, source: Ste
 
 def adhoc(method: str, path: Path, source: Step, evaluation: EvalSteps, context: PlanContext
           ) -> AdhocArtifact | None:
-    """`quantforge eval DIR`: a GPTQ or AWQ checkpoint made elsewhere, identified by its content."""
-    if not path.is_dir():
-        return None
+    """`quantforge eval DIR`: a checkpoint of `method` made elsewhere, identified by its content; None for any
+    other folder (another format's, or none)."""
     try:
         config = _json_file(path / "config.json")
-    except (OSError, ValueError):
-        raise BadInputError(f"{path}: no readable config.json; expected a GPTQ or AWQ checkpoint folder") from None
-    found = (config.get("quantization_config") or {}).get("quant_method")
-    if found not in ("gptq", "awq"):
-        raise BadInputError(f"{path}: config.json has quant_method {found!r}; expected gptq or awq")
-    if found != method:
+    except (OSError, ValueError, AttributeError):
+        return None
+    if (config.get("quantization_config") or {}).get("quant_method") != method:
         return None
     try:
         digest = context.memo(f"local:{path}", lambda: local_digest(path, list(DEFAULT_ALLOW_PATTERNS),
@@ -146,6 +151,7 @@ def run_external(step: Step, ctx: StepContext) -> dict[str, Any]:
 
 
 def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
+    """Every method's `<method>.quantize` (registered by its format module)."""
     method = step.kind.split(".")[0]
     source_dir = Path(ctx.inputs["source"].data["path"])
     # fail in a second, naming the layer, rather than after an hour of calibration
@@ -169,10 +175,6 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
             "architecture": config.get("model_type"), "quantization_config": config.get("quantization_config"),
             "has_chat_template": has_chat_template(out), **result}
 
-# both methods quantize through the one implementation above
-step_kind("gptq.quantize", version="1", stage="artifact")(run_quantize)
-step_kind("awq.quantize", version="1", stage="artifact")(run_quantize)
-
 
 def _json_file(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
@@ -185,14 +187,54 @@ def checkpoint_path(artifact: StepOutput) -> Path:
     return artifact.file(artifact.data["dir"])
 
 
-@step_kind("checkpoint.verify", version="1", stage="verify")
+# ------------------------------------------------------------------------------------------------ what it costs
+
+def _quantize_memory(step: Step, source_dir: Path, host: HostMemory, gpu: tuple[int, int] | None) -> StepMemory:
+    shapes = source_shapes(source_dir)
+    samples, seq_len = token_shape(step)
+    # GPTQModel loads the whole model in fp16 in host memory, on a GPU too (it moves one layer at a time there);
+    # plus the calibration activations entering and leaving a layer (fp16) and one layer's Hessians (fp32,
+    # input size squared per linear layer)
+    activations = 2 * samples * seq_len * shapes.hidden * 2
+    hessians = 4 * (3 * shapes.hidden ** 2 + shapes.intermediate ** 2)
+    host_bytes = GPTQMODEL_BASELINE + 2 * shapes.params + activations + hessians
+    on_gpu = None if gpu is None else 2 * shapes.layer_params * 2 + activations + hessians
+    return StepMemory(step.label, step.kind, host_bytes, on_gpu,
+                      "GPTQModel loads the whole model in fp16 in host memory")
+
+
+def _checkpoint_bytes(step: Step, size: SourceSize) -> int:
+    # quantized linear layers plus the embeddings and head kept in 16 bits: an upper bound for large models
+    bits = int(step.params.get("bits", 4))
+    return int(size.params * 2 * min(1.0, bits / 16 + 0.15)) + size.vocab_bytes
+
+
+def quantize_estimates(slower: float = 1.0) -> Estimates:
+    """A GPTQModel method's quantize step; `slower`: its time per calibration token against GPTQ's."""
+    return Estimates(
+        memory=_quantize_memory, output_bytes=_checkpoint_bytes,
+        seconds=lambda step, size, cores, gpu:
+            size.params * step_tokens(step) * slower / (GPTQ_RATE * compute_cores(cores, gpu)),
+        # before the source's shapes are known: the whole model in fp16, besides the worker
+        host_floor=lambda step, size: (GPTQMODEL_BASELINE + 2 * size.params,
+                                       "GPTQModel loads the whole model in fp16; more with its calibration, which "
+                                       "the source's shapes tell once here"))
+
+
+# ------------------------------------------------------------------------------------------------ runners
+
+@step_kind("checkpoint.verify", version="1", stage="verify", estimates=Estimates(
+    seconds=lambda step, size, cores, gpu: output_bytes(step.inputs["artifact"], size) / COPY_RATE))
 def run_verify(step: Step, ctx: StepContext) -> dict[str, Any]:
     return gptqmodel.load_and_generate(checkpoint_path(ctx.inputs["artifact"]), step.params["prompt"],
                                        step.params["tokens"], ctx.log_path, ctx.out_dir,
                                        step.params["trust_remote_code"])
 
 
-@step_kind("checkpoint.evaluate", version="1", stage="evaluate")
+# transformers with GPTQModel's kernels: as slow as a torch forward in fp32
+@step_kind("checkpoint.evaluate", version="1", stage="evaluate", estimates=Estimates(
+    seconds=lambda step, size, cores, gpu:
+        size.params * step_tokens(step) / (TORCH_RATE * compute_cores(cores, gpu))))
 def run_evaluate(step: Step, ctx: StepContext) -> dict[str, Any]:
     artifact = ctx.inputs["artifact"]
     tokens = ctx.inputs["tokens"]
@@ -219,7 +261,11 @@ class CheckpointFormat:
         return published_files(output)
 
     def render_card(self, card: CardInputs) -> str:
-        return render_checkpoint_card(card, self.name, self.card_template)
+        return render_checkpoint_card(card, self)
+
+    def runtimes(self, bits: int) -> list[str]:
+        """Which runtimes load this method's checkpoints (Markdown lines), besides llama.cpp's refusal."""
+        raise NotImplementedError
 
     def repo_files(self, card: CardInputs, scratch: Path) -> tuple[RepoFile, ...]:
         return ()  # the checkpoint folder is the repo: its generation config already travels with it
@@ -235,18 +281,21 @@ def published_files(output: StepOutput) -> PublishedArtifact:
                               for rel, meta in output.files().items() if rel.startswith(prefix)})
 
 
-def render_checkpoint_card(card: CardInputs, fmt: str, template: str) -> str:
-    """The card of a GPTQ or AWQ repo: one checkpoint, its settings, its measurements, and how to load it."""
+def render_checkpoint_card(card: CardInputs, fmt: CheckpointFormat) -> str:
+    """The card of a GPTQModel repo: one checkpoint, its settings, its measurements, and how to load it."""
     built = card.artifacts[0]
     q, g = built.output.data, built.gate.data
     arch = q.get("architecture")
-    settings_model = format_named(fmt).settings
-    settings = settings_model.model_validate({k: q[k] for k in settings_model.model_fields if k in q})
+    settings = fmt.settings.model_validate({k: q[k] for k in fmt.settings.model_fields if k in q})
+    gguf = dict(card.release.siblings).get("gguf")
+    gguf_link = f"[{gguf}]({hub_url(gguf)})" if gguf else "a GGUF build of the model"
+    compatibility = [*fmt.runtimes(q["bits"]),
+                     f"**llama.cpp, Ollama, LM Studio** do not load {fmt.name.upper()} checkpoints: use {gguf_link}"]
+    name = fmt.name
     return render_card(
-        template, card.source, card.namespace, "transformers",
-        {fmt, f"{q['bits']}-bit", "gptqmodel", *([arch] if arch else [])}, card.release,
-        repo_id=card.repo_id, model=card.model, fmt=fmt, FMT=fmt.upper(),
-        compatibility=compatibility(fmt, q["bits"], card.repo_id, dict(card.release.siblings).get("gguf")),
+        fmt.card_template, card.source, card.namespace, "transformers",
+        {name, f"{q['bits']}-bit", "gptqmodel", *([arch] if arch else [])}, card.release,
+        repo_id=card.repo_id, model=card.model, fmt=name, FMT=name.upper(), compatibility=compatibility,
         settings=", ".join(settings.card_settings()), size=format_size(q["size"]), **measured(q, g),
         source_ppl=f"{g['source_ppl']:.3f}" if "source_ppl" in g else "-",
         tokens_scored=g.get("tokens_scored", 0), eval_desc=eval_desc(card.tokens),
@@ -255,23 +304,3 @@ def render_checkpoint_card(card: CardInputs, fmt: str, template: str) -> str:
         gptqmodel=built.output.tools.get("gptqmodel", "?"),
     )
 
-
-def compatibility(fmt: str, bits: int, repo_id: str, gguf_repo: str | None) -> list[str]:
-    """Which runtimes load this checkpoint (Markdown lines). The classic GPTQ v1 / AWQ GEMM layouts are what each
-    of them reads; the versions are those that added the format to transformers."""
-    if fmt == "gptq":
-        lines = ["**transformers** ≥ 4.32 with `optimum` and a GPTQ kernel package: auto-gptq up to transformers 4.x, "
-                 "GPTQModel from transformers 5 on (auto-gptq no longer imports there)",
-                 "**vLLM** reads the GPTQ settings from `config.json` (NVIDIA GPUs; Marlin kernels for 4- and 8-bit "
-                 "checkpoints)",
-                 "**Text Generation Inference**: `--quantize gptq`"]
-        if bits not in (4, 8):
-            lines.append(f"{bits}-bit GPTQ has fewer fast kernels than 4- and 8-bit: check your runtime's list")
-    else:
-        lines = ["**transformers** ≥ 4.35: AutoAWQ up to transformers 4.x, GPTQModel from transformers 5 on "
-                 "(AutoAWQ is deprecated and does not import there)",
-                 "**vLLM** reads the AWQ settings from `config.json` (NVIDIA GPUs; GEMM, 4-bit)",
-                 "**Text Generation Inference**: `--quantize awq`"]
-    gguf = f"[{gguf_repo}]({hub_url(gguf_repo)})" if gguf_repo else "a GGUF build of the model"
-    lines.append(f"**llama.cpp, Ollama, LM Studio** do not load {fmt.upper()} checkpoints: use {gguf}")
-    return lines
