@@ -38,7 +38,7 @@ from ..errors import BadInputError
 from ..figures import format_size
 from ..steps.calibration import CALIBRATION_FILE, calibration_settings
 from ..steps.disk import SourceSize, output_bytes
-from ..steps.evaluation import REFERENCE_FILE, SAMPLE_FILE, VERIFY_PROMPT, VERIFY_TOKENS, WINDOWS_FILE
+from ..steps.evaluation import VERIFY_PROMPT, VERIFY_TOKENS, ScoringInputs
 from ..steps.gate import gate_step
 from ..steps.memory import StepMemory, source_shapes
 from ..steps.rates import COPY_RATE, TORCH_RATE, compute_cores, step_tokens, token_shape
@@ -236,13 +236,11 @@ def run_verify(step: Step, ctx: StepContext) -> dict[str, Any]:
     seconds=lambda step, size, cores, gpu:
         size.params * step_tokens(step) / (TORCH_RATE * compute_cores(cores, gpu))))
 def run_evaluate(step: Step, ctx: StepContext) -> dict[str, Any]:
-    artifact = ctx.inputs["artifact"]
-    tokens = ctx.inputs["tokens"]
-    result = gptqmodel.evaluate(checkpoint_path(artifact), tokens.file(WINDOWS_FILE),
-                                ctx.inputs["reference"].file(REFERENCE_FILE), tokens.file(SAMPLE_FILE),
-                                ctx.log_path, ctx.out_dir, step.params["trust_remote_code"], progress=ctx.progress)
-    source_has_template = ctx.inputs["source"].data.get("has_chat_template", False)
-    result["chat_template_missing"] = bool(source_has_template and not result["chat_template"])
+    scoring = ScoringInputs.of(ctx.inputs)
+    result = gptqmodel.evaluate(checkpoint_path(ctx.inputs["artifact"]), scoring.windows, scoring.reference,
+                                scoring.sample, ctx.log_path, ctx.out_dir, step.params["trust_remote_code"],
+                                progress=ctx.progress)
+    result["chat_template_missing"] = scoring.chat_template_missing(result["chat_template"])
     return result
 
 

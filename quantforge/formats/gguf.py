@@ -36,7 +36,7 @@ from ..core.staleness import moved
 from ..core.step import PlanContext, Step, StepContext, StepOutput
 from ..errors import BadInputError, VerificationError
 from ..gguf_types import DEFAULT_MAX_PPL_INCREASE_BY_TYPE, GGUF_TYPES, IMATRIX_UNUSED, INTERMEDIATE_TYPES, NEEDS_IMATRIX
-from ..steps.evaluation import REFERENCE_FILE, SAMPLE_FILE, VERIFY_PROMPT, VERIFY_TOKENS, WINDOWS_FILE
+from ..steps.evaluation import VERIFY_PROMPT, VERIFY_TOKENS, ScoringInputs
 from ..steps.gate import gate_step
 from ..store import sha256_file
 from ..toolchains import imatrix_gguf, llamacpp
@@ -282,13 +282,11 @@ def run_verify(step: Step, ctx: StepContext) -> dict[str, Any]:
 @step_kind("gguf.evaluate", version="1", stage="evaluate", estimates=gguf_costs.EVALUATE)
 def run_evaluate(step: Step, ctx: StepContext) -> dict[str, Any]:
     artifact = ctx.inputs["artifact"]
-    tokens = ctx.inputs["tokens"]
-    gguf_file = artifact_path(artifact)
-    result = llamacpp.evaluate(gguf_file, tokens.file(WINDOWS_FILE), ctx.inputs["reference"].file(REFERENCE_FILE),
-                               tokens.file(SAMPLE_FILE), ctx.log_path, ctx.out_dir, ctx.options.threads)
-    source_has_template = ctx.inputs["source"].data.get("has_chat_template", False)
+    scoring = ScoringInputs.of(ctx.inputs)
+    result = llamacpp.evaluate(artifact_path(artifact), scoring.windows, scoring.reference, scoring.sample,
+                               ctx.log_path, ctx.out_dir, ctx.options.threads)
     result["chat_template"] = artifact.data.get("has_chat_template", False)
-    result["chat_template_missing"] = bool(source_has_template and not result["chat_template"])
+    result["chat_template_missing"] = scoring.chat_template_missing(result["chat_template"])
     return result
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from .. import metrics
 from ..config.schema import ModelTarget, Targets
 from ..core.formats import EvalSteps
 from ..core.registry import Estimates, step_kind
-from ..core.step import PlanContext, Step, StepContext
+from ..core.step import PlanContext, Step, StepContext, StepOutput
 from ..data import TextSource, cut_windows, load_text, parse_text_source, resolve_paths, text_identity
 from ..toolchains import tokenizer_worker, torch_worker
 from .memory import torch_pass_memory
@@ -39,6 +41,31 @@ SAMPLE_CHARS = 2000
 # What every artifact is asked to continue when its real consumer loads it (verification)
 VERIFY_PROMPT = "The capital of France is"
 VERIFY_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class ScoringInputs:
+    """What every format's evaluate step reads, by attribute: the windows (their number and length), the source's
+    reference distribution on them, the tokenizer-parity sample, and whether the source has a chat template."""
+
+    windows: Path
+    reference: Path
+    sample: Path
+    count: int
+    ctx: int
+    source_has_chat_template: bool
+
+    @classmethod
+    def of(cls, inputs: Mapping[str, StepOutput]) -> ScoringInputs:
+        """From an evaluate step's inputs: `tokens`, `reference` and `source` (evaluate_step of each format)."""
+        tokens = inputs["tokens"]
+        return cls(tokens.file(WINDOWS_FILE), inputs["reference"].file(REFERENCE_FILE), tokens.file(SAMPLE_FILE),
+                   int(tokens.data["windows"]), int(tokens.data["ctx"]),
+                   bool(inputs["source"].data.get("has_chat_template", False)))
+
+    def chat_template_missing(self, artifact_has_one: bool) -> bool:
+        """The source has a chat template and the artifact lost it: a chat client would fall back to plain text."""
+        return self.source_has_chat_template and not artifact_has_one
 
 
 def plan_evaluation(model: ModelTarget, targets: Targets, source: Step, context: PlanContext) -> EvalSteps:
