@@ -54,11 +54,10 @@ if ! ls "$HOUSE"/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then
   CMAKE_ARGS="$ARGS" "${PIP[@]}" wheel --quiet --no-cache-dir --no-deps -w "$HOUSE" "llama-cpp-python==$VERSION" \
     2>&1 | grep -v "^WARNING: Location" || true
 fi
-WHEEL=$(ls "$HOUSE"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -n 1 || true)
-[ -n "$WHEEL" ] || { echo "bootstrap: building llama-cpp-python==$VERSION left no wheel in $HOUSE" >&2; exit 1; }
+WHEEL=("$HOUSE"/llama_cpp_python-"$VERSION"-*.whl)
 # --force-reinstall replaces a build with other flags; it would reinstall numpy & co. too, so it goes without
 # dependencies, and a second, plain install brings those (diskcache, jinja2, numpy) into a fresh venv.
-"${PIP[@]}" install --quiet --force-reinstall --no-deps "$WHEEL" 2>&1 | grep -v "^WARNING: Location" || true
-"${PIP[@]}" install --quiet ${CONSTRAINTS:+-c "$CONSTRAINTS"} "$WHEEL" 2>&1 | grep -v "^WARNING: Location" || true
+"${PIP[@]}" install --quiet --force-reinstall --no-deps "${WHEEL[0]}" 2>&1 | grep -v "^WARNING: Location" || true
+"${PIP[@]}" install --quiet ${CONSTRAINTS:+-c "$CONSTRAINTS"} "${WHEEL[0]}" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import llama_cpp" || { echo "bootstrap: llama-cpp-python did not install" >&2; exit 1; }
 echo "$WANT" > "$STAMP"

@@ -144,10 +144,12 @@ def test_llama_cpp_is_compiled_only_when_it_does_not_import(tmp_path):
     assert proc.returncode == 0, proc.stderr
     compile_line = next(line for line in lines(proc) if line.startswith("compiling llama.cpp"))
     assert "llama-cpp-python==" in compile_line and "about 5-15 minutes on two cores" in compile_line
-    _, wheel, install, _ = stand.pip_calls(env=True)
+    _, wheel, install, dependencies, _ = stand.pip_calls(env=True)
     args, cmake = wheel.split(" | ")
     assert " wheel " in f" {args}" and args.split()[-1].startswith("llama-cpp-python==")
-    assert "install" in install and "llama_cpp_python-" in install
+    assert "install" in install and "--no-deps" in install and "llama_cpp_python-" in install
+    # then its dependencies (diskcache, jinja2), which a fresh venv lacks: llama_cpp does not import without them
+    assert "install" in dependencies and "--no-deps" not in dependencies and "llama_cpp_python-" in dependencies
     # llama.cpp without the multimodal library it does not need, and (on x86) without AMX: its ISA flags are set
     # from the CPU's, since -march=native's AMX path crashes on quantized types in this llama.cpp
     assert cmake.startswith("CMAKE_ARGS=-DLLAVA_BUILD=OFF")

@@ -157,7 +157,7 @@ def _repo_issues(models: list[tuple[int, ModelTarget]], path: Path, shown: str, 
         template_line = (_locate(("publish", "repo"), lines, [("models", Index(i)), ("defaults",)])[1]
                          or _model_line(lines, i))
         key_path = f"models[{i}].publish.repo"
-        destination = "hub" if publish.to == "hub" else _folder(path, publish.to[4:])
+        destination = "hub" if publish.folder is None else _folder(path, publish.folder)
         for fmt in model.formats.enabled():
             name = publish.repo_name(model.name, fmt)
             repo = f"{publish.namespace}/{name}"

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..toolchains.gguf_split import parse_size
+from ..figures import parse_size
 from .text import visible
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")

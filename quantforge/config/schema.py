@@ -25,6 +25,8 @@ from pydantic import (
 
 from ..data import parse_text_source
 from ..errors import BadInputError
+from ..figures import parse_size
+from .destination import DIR_PREFIX
 from .licenses import check_license, check_license_link, check_license_name, check_release
 from .runner import DEFAULT_RUNNER, RUNNER_JSON_SCHEMA, RunnerSpec
 from .text import visible
@@ -167,11 +169,18 @@ class PublishTarget(_Strict):
                                      "(…-00001-of-00003.gguf), which llama.cpp, Ollama and LM Studio load from the "
                                      "first: a size such as 48GB, 500MB or 2GiB (or a number of bytes), at least 1MB.")
 
+    @property
+    def max_file_bytes(self) -> int:
+        return parse_size(self.max_file_size)
+
+    @property
+    def folder(self) -> str | None:
+        """A `dir:` destination's folder as written (relative to the targets file); None for the Hub."""
+        return self.to[len(DIR_PREFIX):] if self.to.startswith(DIR_PREFIX) else None
+
     @field_validator("max_file_size", mode="before")
     @classmethod
     def _size(cls, value: Any) -> str | int:
-        from ..toolchains.gguf_split import parse_size
-
         if isinstance(value, bool) or not isinstance(value, str | int):
             raise ValueError("expected a size such as 48GB, 500MB or 2GiB")
         try:
@@ -185,7 +194,7 @@ class PublishTarget(_Strict):
     @field_validator("to")
     @classmethod
     def _known_publisher(cls, value: str) -> str:
-        if (value.startswith("dir:") and value[4:].strip()) or value == "hub":
+        if (value.startswith(DIR_PREFIX) and value[len(DIR_PREFIX):].strip()) or value == "hub":
             return visible(value)
         raise ValueError("expected hub, or dir:PATH (a folder laid out like Hub repos)")
 

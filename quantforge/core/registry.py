@@ -31,6 +31,7 @@ PublishedFn = Callable[..., Any]  # (step, verify) -> the destination's record (
 MemoryFn = Callable[..., Any]  # (step, source_dir, host, gpu) -> steps.memory.StepMemory
 SizeFn = Callable[..., int]  # (step, steps.disk.SourceSize) -> bytes
 SecondsFn = Callable[..., float]  # (step, SourceSize, cores, gpu: bool) -> seconds of work, besides a step's start
+CopyFn = Callable[..., Any]  # (step, SourceSize) -> (folder, bytes) or None
 FloorFn = Callable[..., tuple[int, str]]  # (step, SourceSize) -> (bytes, how it runs, in words)
 
 
@@ -42,6 +43,7 @@ class Estimates:
     memory: MemoryFn | None = None  # its peak memory, from the source's config and safetensors headers
     output_bytes: SizeFn | None = None  # what its output adds to the disk
     scratch_bytes: SizeFn | None = None  # what it writes and deletes again before it ends
+    copied_bytes: CopyFn | None = None  # what it copies into a folder outside the work dir, and where
     seconds: SecondsFn | None = None  # how long its work takes
     # its host memory when the source's shapes are not known yet (a runner's size is chosen before the fetch)
     host_floor: FloorFn | None = None

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..config.destination import Destination
 from ..core.step import Reason
 from ..errors import PublishError
 
@@ -96,10 +97,11 @@ def judged(name: str) -> bool:
 
 # (destination, repo id) -> what it held when last listed in this process: `plan` asks the check and then the
 # report of unlisted files; a listing of the Hub is a request
-_HELD: dict[tuple[str, str], dict[str, HeldFile] | None] = {}
+_HELD: dict[tuple[Destination, str], dict[str, HeldFile] | None] = {}
 
 
-def held_files(holder: Holder, where: str, repo_id: str, hashes: Collection[str] = ()) -> dict[str, HeldFile] | None:
+def held_files(holder: Holder, where: Destination, repo_id: str,
+               hashes: Collection[str] = ()) -> dict[str, HeldFile] | None:
     """The destination's listing of a repo, read once per process (again when hashes are asked that it lacks)."""
     cached = _HELD.get((where, repo_id), False)
     if cached is False or (cached is not None and any(n in cached and cached[n].sha256 is None for n in hashes)):
@@ -107,12 +109,12 @@ def held_files(holder: Holder, where: str, repo_id: str, hashes: Collection[str]
     return cached
 
 
-def was_listed(where: str, repo_id: str) -> bool:
+def was_listed(where: Destination, repo_id: str) -> bool:
     """Whether this process has listed the repo (and held_files answers without a request)."""
     return (where, repo_id) in _HELD
 
 
-def forget_held(where: str | None = None, repo_id: str | None = None) -> None:
+def forget_held(where: Destination | None = None, repo_id: str | None = None) -> None:
     """Drop what was listed (of one repo: it was just published; of all: a long-lived process)."""
     if where is None:
         _HELD.clear()
@@ -120,7 +122,7 @@ def forget_held(where: str | None = None, repo_id: str | None = None) -> None:
         _HELD.pop((where, repo_id or ""), None)
 
 
-def check_copy(holder: Holder, where: str, repo_id: str, expected: Mapping[str, ExpectedFile], *,
+def check_copy(holder: Holder, where: Destination, repo_id: str, expected: Mapping[str, ExpectedFile], *,
                verify: bool) -> list[Reason]:
     """copy_problems of the repo as held now; with `verify`, content too (read where it is not free)."""
     try:

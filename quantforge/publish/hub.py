@@ -14,18 +14,16 @@ gone: publish/upload.py.
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import PreuploadRejected, PublishError
 from ..toolchains.hub_protocol import hub_transfers
-from . import PublishResult
 from .copies import HeldFile
+from .publisher import PreuploadedFile, PublishResult
 from .record import REPO_MANIFEST, git_blob_sha1
 
 if TYPE_CHECKING:
@@ -36,23 +34,6 @@ T = TypeVar("T")
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 _ABSENT = ("RepoNotFound", "EntryNotFound", "RevisionNotFound")
-
-
-@dataclass(frozen=True)
-class PreuploadedFile:
-    """An LFS object uploaded ahead of its commit: what the commit needs of it without the local file (its
-    sha256 and size, and the first 512 bytes huggingface_hub's upload info carries)."""
-
-    sha256: str
-    size: int
-    sample: bytes = b""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "size": self.size, "sample": base64.b64encode(self.sample).decode()}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> PreuploadedFile:
-        return cls(data["sha256"], int(data["size"]), base64.b64decode(data.get("sample", "")))
 
 
 def preuploaded_addition(name: str, file: PreuploadedFile) -> CommitOperationAdd:

@@ -23,8 +23,9 @@ from typing import Any
 
 from ..errors import PublishError
 from ..store import NO_SPACE, disk_full, sha256_file
-from . import REPO_MANIFEST, PublishResult
 from .copies import HeldFile, folder_listing
+from .publisher import PublishResult
+from .record import REPO_MANIFEST
 
 log = logging.getLogger(__name__)
 

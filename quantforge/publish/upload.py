@@ -27,11 +27,10 @@ from ..core.registry import Estimates, step_kind
 from ..core.step import Step, StepContext, StepOutput
 from ..steps.disk import SourceSize, output_bytes
 from ..steps.rates import HASH_RATE, UPLOAD_RATE
-from ..toolchains.gguf_split import parse_size
 from .record import git_blob_sha1
 
 if TYPE_CHECKING:
-    from .hub import PreuploadedFile
+    from .publisher import PreuploadedFile
 
 UPLOAD_KIND = "publish.upload"
 SCRATCH = "scratch"  # split shards, deleted once uploaded
@@ -45,7 +44,7 @@ def upload_steps(model: ModelTarget, fmt: str, publishable: Sequence[Publishable
         return []
     return [Step(kind=UPLOAD_KIND, label=f"{item.artifact.artifact}:upload",
                  params={"repo_id": repo_id(model, fmt), "private": model.publish.private, "format": fmt,
-                         "max_file_size": parse_size(model.publish.max_file_size)},
+                         "max_file_size": model.publish.max_file_bytes},
                  inputs={"artifact": item.artifact}, after=(item.gate,),
                  model=model.name, fmt=fmt, qtype=item.artifact.qtype)
             for item in publishable]
@@ -96,7 +95,7 @@ def uploads_by_artifact(step: Step, inputs: dict[str, StepOutput]) -> dict[str, 
 def uploaded_files(upload: StepOutput) -> tuple[PublishedArtifact, dict[str, PreuploadedFile]]:
     """What an upload step leaves for the commit: its kept regular files (as published_files gives them) and the
     LFS objects it sent ahead."""
-    from .hub import PreuploadedFile
+    from .publisher import PreuploadedFile
 
     kept, ahead = {}, {}
     for name, info in upload.data["files"].items():

@@ -77,6 +77,12 @@ def output_bytes(step: Step, size: SourceSize) -> int:
     return estimate(step, size) if estimate is not None else 0
 
 
+def copied_bytes(step: Step, size: SourceSize) -> tuple[Path, int] | None:
+    """The folder outside the work dir `step` copies into (a `dir:` publication), and about how much."""
+    estimate = kind_info(step.kind).estimates.copied_bytes
+    return estimate(step, size) if estimate is not None else None
+
+
 def scratch_bytes(step: Step, size: SourceSize) -> int:
     """About how much `step` writes and deletes again before it ends (an upload's split shards)."""
     estimate = kind_info(step.kind).estimates.scratch_bytes
@@ -149,10 +155,9 @@ def disk_use(steps: Sequence[Step], todo: Iterable[str], *, work_root: Path, hf_
             if step.kind == "source" and source_folder(step) is None:  # a Hub source, into the HF cache
                 add(f"{step.model} source", place(hf_cache or work_root, "Hugging Face cache"),
                     size.total_bytes if hf_cache is None else _missing_from_cache(step, hf_cache, size.total_bytes))
-            elif step.kind == "publish" and step.local.get("to", "").startswith("dir:"):
-                dest = Path(step.local["to"][4:])
-                add(f"{step.params['repo_id']} (published copy)", place(dest, "destination"),
-                    sum(output_bytes(d, size) for d in step.inputs.values()))
+            elif copied := copied_bytes(step, size):  # into a folder outside the work dir
+                folder, copy = copied
+                add(f"{step.label} (copy)", place(folder, "destination"), copy)
             else:
                 mount = place(work_root, "work dir")
                 if scratch := scratch_bytes(step, size):  # written and deleted again while the step runs

@@ -42,15 +42,3 @@ def split_gguf(src: Path, dest_dir: Path, max_bytes: int) -> list[Path]:
     writer.close()
     return shards
 
-
-def parse_size(value: str | int) -> int:
-    """'48GB', '500MB', '2GiB', '1TB' or a byte count."""
-    if isinstance(value, int):
-        return value
-    text = value.strip().upper().replace(" ", "")
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "B": 1}
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
