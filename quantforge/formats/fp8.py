@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
+from ..chat_template import has_chat_template
 from ..config.schema import FormatSettings
 from ..core.formats import AdhocArtifact, PlannedFormat, Publishable, PublishedArtifact, register_format
 from ..core.registry import Estimates, step_kind
@@ -166,8 +167,6 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
     size = sum((out / f).stat().st_size for f in files)
     weight_bytes = sum((out / f).stat().st_size for f in files if f.endswith(".safetensors"))
     config = json.loads((out / "config.json").read_text())
-    from ..chat_template import has_chat_template
-
     return {"scheme": step.params["scheme"], "dir": CHECKPOINT_DIR, "checkpoint_files": files, "size": size,
             "bits_per_weight": round(weight_bytes * 8 / result["n_params"], 3),
             "architecture": config.get("model_type"), "quantization_config": config.get("quantization_config"),

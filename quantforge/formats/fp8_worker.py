@@ -66,7 +66,7 @@ def quantize(args: argparse.Namespace) -> dict[str, Any]:
     linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     _refuse_weights_outside_linears(model, linears.values())
     head = model.get_output_embeddings()
-    # vLLM keeps the output head in 16 bits (its ParallelLMHead takes no FP8 weights), as llm-compressor's recipes do
+    # the output head stays in the source's dtype, as in llm-compressor's FP8 recipes (`ignore: [lm_head]`)
     ignore = [name for name, m in linears.items() if m is head] + list(args.ignore)
     for pattern in args.ignore:
         if not any(is_match(name, m, pattern) for name, m in linears.items()):
