@@ -23,7 +23,7 @@ from tiny_models import fake_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = yaml.safe_load((REPO / "quantforge" / "templates" / "nightly.yml").read_text())
 LIGHT = TEMPLATE["env"]["LIGHT_PACKAGES"].split()
-HEAVY = ("torch", "transformers", "llama_cpp", "gptqmodel")
+HEAVY = ("torch", "transformers", "llama_cpp", "gptqmodel", "compressed_tensors")
 CHILD = ("import sys\n"
          f"for name in {HEAVY!r}:\n"
          "    sys.modules[name] = None  # import fails, as where it is not installed\n"
@@ -33,7 +33,7 @@ CHILD = ("import sys\n"
 TARGETS = """
 defaults:
   publish: {to: "dir:./out", namespace: t}
-  formats: {gguf: {types: [Q8_0, Q4_K_M], imatrix: true}, gptq: {bits: 4, group_size: 64}}
+  formats: {gguf: {types: [Q8_0, Q4_K_M], imatrix: true}, gptq: {bits: 4, group_size: 64}, fp8: {}}
 models:
   - {name: m, source: ./ckpt}
 """
@@ -67,7 +67,8 @@ def light_site(dest: Path, requirements: list[str]) -> set[str]:
 def site(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("light") / "site-packages"
     names = light_site(dest, LIGHT)
-    assert not {"torch", "transformers", "llama-cpp-python", "gptqmodel", "accelerate", "optimum"} & names
+    assert not {"torch", "transformers", "llama-cpp-python", "gptqmodel", "accelerate", "optimum",
+                "compressed-tensors"} & names
     return dest
 
 
@@ -75,8 +76,9 @@ def site(tmp_path_factory) -> Path:
 def project(tmp_path) -> Path:
     fake_checkpoint(tmp_path / "ckpt")
     (tmp_path / "targets.yaml").write_text(TARGETS)
-    llama, gptq = metadata.version("llama-cpp-python"), metadata.version("gptqmodel")
-    (tmp_path / "pins.txt").write_text(f"# the legs' pins\nllama-cpp-python=={llama}\ngptqmodel=={gptq}\n")
+    pins = "".join(f"{tool}=={metadata.version(tool)}\n" for tool in ("llama-cpp-python", "gptqmodel",
+                                                                      "compressed-tensors"))
+    (tmp_path / "pins.txt").write_text(f"# the legs' pins\n{pins}")
     return tmp_path
 
 

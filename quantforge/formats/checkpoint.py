@@ -42,7 +42,7 @@ from ..steps.evaluation import VERIFY_PROMPT, VERIFY_TOKENS, ScoringInputs
 from ..steps.gate import gate_step
 from ..steps.memory import StepMemory, source_shapes
 from ..steps.rates import COPY_RATE, TORCH_RATE, compute_cores, step_tokens, token_shape
-from ..steps.source import DEFAULT_ALLOW_PATTERNS, hub_commit, local_digest
+from ..steps.source import external_folder, hub_commit
 from ..toolchains import gptqmodel
 from ..toolchains.memory import HostMemory
 
@@ -132,14 +132,7 @@ def adhoc(method: str, path: Path, source: Step, evaluation: EvalSteps, context:
         return None
     if (config.get("quantization_config") or {}).get("quant_method") != method:
         return None
-    try:
-        digest = context.memo(f"local:{path}", lambda: local_digest(path, list(DEFAULT_ALLOW_PATTERNS),
-                                                                     context.work.root))
-    except OSError as exc:  # a file that cannot be read (permissions, a broken link)
-        raise BadInputError(f"{path}: cannot read {exc.filename or 'a file'}: {exc.strerror or exc}") from None
-    # keyed by content alone: the same folder evaluated from elsewhere is the same artifact
-    artifact = Step(kind="checkpoint.external", label=f"{path.name}:artifact", params={"digest": digest},
-                    local={"path": str(path)})
+    artifact = external_folder("checkpoint.external", path, context)
     return AdhocArtifact(method, artifact, evaluate_step(f"{path.name}:evaluate", artifact, evaluation, source,
                                                          context, method))
 

@@ -28,7 +28,7 @@ from ..core.registry import Estimates, step_kind
 from ..core.staleness import published_record
 from ..core.step import PlanContext, Reason, Step, StepContext
 from ..data import portable_path
-from ..errors import SourceError
+from ..errors import BadInputError, SourceError
 from ..store import NO_SPACE, canonical_json, disk_full, sha256_file, write_json_atomic
 from ..toolchains.hub_protocol import hub_transfers
 from .rates import DOWNLOAD_RATE, HASH_RATE
@@ -165,6 +165,17 @@ def local_digest(folder: Path, patterns: list[str], work_root: Path) -> str:
         raise
     write_json_atomic(memo_path, memo)
     return hashlib.sha256(canonical_json(entries).encode()).hexdigest()
+
+
+def external_folder(kind: str, path: Path, context: PlanContext) -> Step:
+    """The step standing for a checkpoint folder made elsewhere (`quantforge eval DIR`): keyed by its content alone,
+    so that the same folder evaluated from elsewhere is the same artifact; `local` says where it is now."""
+    try:
+        digest = context.memo(f"local:{path}", lambda: local_digest(path, list(DEFAULT_ALLOW_PATTERNS),
+                                                                     context.work.root))
+    except OSError as exc:  # a file that cannot be read (permissions, a broken link)
+        raise BadInputError(f"{path}: cannot read {exc.filename or 'a file'}: {exc.strerror or exc}") from None
+    return Step(kind=kind, label=f"{path.name}:artifact", params={"digest": digest}, local={"path": str(path)})
 
 
 def _matches(rel: Path, patterns: list[str]) -> bool:

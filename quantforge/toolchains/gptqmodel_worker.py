@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from quantforge.toolchains import transformers_checks
 from quantforge.toolchains.device import cuda_available
-from quantforge.toolchains.worker import check_commands, report_progress, serve
+from quantforge.toolchains.worker import check_commands, serve
 
 # Copied from the source as they are: GPTQModel re-saves the tokenizer and "fixes" the generation config, but
 # what a consumer gets should be the source's own.
@@ -101,63 +102,19 @@ def _kernels(model) -> list[str]:
 
 
 def generate(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-    from transformers import AutoTokenizer
-
     model, load_seconds = _load(args.checkpoint, args.trust_remote_code)
     kernels = _kernels(model)
     if not kernels:
         return {"ok": False, "error": "transformers loaded no quantized layer (quantization_config ignored?)"}
-    tokenizer = AutoTokenizer.from_pretrained(str(args.checkpoint), trust_remote_code=args.trust_remote_code)
-    ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(model.device)
-    prompt_tokens = int(ids.shape[1])
-    generated: list[int] = []
-    started = time.perf_counter()
-    with torch.inference_mode():
-        for _ in range(args.tokens):
-            logits = model(ids).logits[0, -1].float()
-            if not torch.isfinite(logits).all():
-                return {"ok": False, "error": f"non-finite logits after {len(generated)} generated tokens"}
-            token = int(logits.argmax())
-            generated.append(token)
-            if token == tokenizer.eos_token_id:
-                break
-            ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
-    seconds = time.perf_counter() - started
-    return {"ok": True, "prompt_tokens": prompt_tokens, "generated_ids": generated,
-            "generated_text": tokenizer.decode(generated), "kernels": kernels, "device": str(model.device),
-            "load_seconds": round(load_seconds, 2), "tokens_per_second": round(len(generated) / seconds, 2)}
+    result = transformers_checks.generate(model, args.checkpoint, args.prompt, args.tokens, args.trust_remote_code)
+    return {**result, "kernels": kernels, "load_seconds": round(load_seconds, 2)}
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Score the checkpoint on the harness's windows (the same token ids the source model saw)."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from quantforge import metrics
-    from quantforge.chat_template import has_chat_template
-
-    windows = np.load(args.windows)
-    reference = metrics.Reference.load(args.reference)
     model, _ = _load(args.checkpoint, args.trust_remote_code)
-    comparison = metrics.Comparison([], [], [])
-    started = time.perf_counter()
-    with torch.inference_mode():
-        for i, window in enumerate(windows):
-            ids = torch.from_numpy(window[None, :].astype(np.int64)).to(model.device)
-            logits = model(ids).logits[0].float().cpu().numpy()
-            comparison.add_window(logits, window, reference)
-            report_progress(f"window {i + 1}/{len(windows)}")
-    seconds = time.perf_counter() - started
-    result: dict[str, Any] = {"ok": True, **metrics.summarize(comparison, reference), "seconds": round(seconds, 3),
-                              "tokens_per_second": round(windows.size / seconds, 1)}
-    if args.sample:
-        sample = json.loads(args.sample.read_text())
-        tokenizer = AutoTokenizer.from_pretrained(str(args.checkpoint), trust_remote_code=args.trust_remote_code)
-        got = tokenizer(sample["text"], add_special_tokens=False)["input_ids"]
-        result["tokenizer"] = metrics.tokenizer_parity(sample["ids"], got, lambda t: tokenizer.decode([t]))
-    result["chat_template"] = has_chat_template(args.checkpoint)
-    return result
+    return transformers_checks.evaluate(model, args.checkpoint, args.windows, args.reference, args.sample,
+                                        args.trust_remote_code)
 
 
 COMMANDS = {"quantize": quantize, "generate": generate, "evaluate": evaluate}

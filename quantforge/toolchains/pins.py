@@ -20,7 +20,7 @@ from ..errors import BadInputError, ToolchainError
 
 ENV = "QUANTFORGE_CONSTRAINTS"
 # the tools whose versions enter step keys, and what they run with (pinned together by `ci init`)
-KEY_TOOLS = ("llama-cpp-python", "gptqmodel")
+KEY_TOOLS = ("llama-cpp-python", "gptqmodel", "compressed-tensors")
 RUNTIME = ("torch", "transformers")
 _PIN_RE = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9][A-Za-z0-9._+!-]*)\s*(?:#.*)?")
 
