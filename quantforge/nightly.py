@@ -25,7 +25,8 @@ from .distribution import InstallSpec, install_spec
 from .errors import BadInputError
 from .figures import format_duration, format_size
 from .fit import LegFit, fit_leg, legs_of, refuse_unfit
-from .toolchains.pins import KEY_TOOLS, canonical, installed_pins, read_pins
+from .pipeline import KEY_TOOLS
+from .toolchains.pins import RUNTIME, canonical, installed_pins, read_pins
 
 MAX_LEGS = 256  # GitHub's limit on the jobs one matrix makes
 MAX_REASONS = 8
@@ -147,7 +148,7 @@ def write_workflow(targets: Path, out_dir: Path, *, force: bool = False, install
         missing = [tool for tool in KEY_TOOLS if canonical(tool) not in pins]
         if missing:
             raise BadInputError(f"{constraints} pins no version of {', '.join(missing)} (e.g. "
-                                f"{missing[0]}=={installed_pins().get(missing[0]) or 'VERSION'}): every job "
+                                f"{missing[0]}=={installed_pins(KEY_TOOLS).get(missing[0]) or 'VERSION'}): every job "
                                 "installs with it and the plan job takes the tools' versions from it: add the "
                                 "pins")
         written = False
@@ -163,7 +164,7 @@ def write_workflow(targets: Path, out_dir: Path, *, force: bool = False, install
 
 
 def _installed_key_pins() -> dict[str, str]:
-    installed = installed_pins()
+    installed = installed_pins(KEY_TOOLS + RUNTIME)
     missing = [tool for tool in KEY_TOOLS if installed[tool] is None]
     if missing:
         raise BadInputError(f"{', '.join(missing)} not installed here: `ci init` pins the tool versions installed "

@@ -30,6 +30,8 @@ from .steps.source import source_step
 FORMAT_MODULES = (gguf, gptq, awq, fp8)
 FORMATS: dict[str, Format] = {module.FORMAT.name: module.FORMAT for module in FORMAT_MODULES}
 assert FORMATS == registered_formats(), "every registered format is offered, and only those"
+# the pip packages whose versions enter step keys, every format's (pinned by `ci init`)
+KEY_TOOLS = tuple(dict.fromkeys(tool for fmt in FORMATS.values() for tool in fmt.key_tools))
 
 
 def load_targets(path: str | Path) -> Targets:
@@ -63,7 +65,7 @@ def build_plan(targets: Targets, context: PlanContext) -> Plan:
 
 def plan_adhoc(artifact: Path, source: str, revision: str, settings: EvaluationSettings,
                context: PlanContext, max_ppl_increase: float | None, max_kld: float | None) -> Plan:
-    """`quantforge eval`: score a GGUF file or a GPTQ/AWQ checkpoint folder made elsewhere against a source
+    """`quantforge eval`: score an artifact made elsewhere (a GGUF file, a checkpoint folder) against a source
     model, through the same steps (and the same cache) as a build."""
     targets = Targets(path=Path.cwd() / "<quantforge eval>", models=())
     # an ad-hoc model names one format to be valid; its steps come from the artifact's own format below

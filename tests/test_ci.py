@@ -84,7 +84,7 @@ def test_keys_do_not_depend_on_the_folder_or_the_user(tmp_path):
     assert tokens.params["dataset"] == "file:texts/eval.txt"
     assert tokens.local["dataset"] == f"file:{other / 'texts' / 'eval.txt'}"
     publish = next(s for s in plan.steps if s.kind == "publish")
-    assert publish.params["to"] == "dir:out" and publish.local["to"] == f"dir:{other / 'out'}"
+    assert publish.params["to"] == "dir:out" and str(publish.local["to"]) == f"dir:{other / 'out'}"
 
 
 # ------------------------------------------------------------------------------------------------ the matrix

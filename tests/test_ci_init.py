@@ -22,7 +22,8 @@ from quantforge import cli, distribution
 from quantforge.distribution import DISTRIBUTION, PUBLISHED, canonical_name, from_checkout, from_distribution, is_ours
 from quantforge.errors import BadInputError
 from quantforge.nightly import workflow_text
-from quantforge.toolchains.pins import installed_pins
+from quantforge.pipeline import KEY_TOOLS
+from quantforge.toolchains.pins import RUNTIME, installed_pins
 
 REPO = Path(__file__).resolve().parents[1]
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -230,7 +231,7 @@ def test_ci_init_pins_the_tools_the_keys_name_and_keeps_a_pinned_file(user_repo,
     flow = yaml.safe_load(written(user_repo))
     assert flow["env"]["TARGETS"] == "conf/models.yaml"
     assert flow["env"]["QUANTFORGE_CONSTRAINTS"] == ".github/quantforge-constraints.txt"
-    pins = {name: version for name, version in installed_pins().items() if version}
+    pins = {name: version for name, version in installed_pins(KEY_TOOLS + RUNTIME).items() if version}
     lines = [line for line in (user_repo / ".github" / "quantforge-constraints.txt").read_text().splitlines()
              if line and not line.startswith("#")]
     assert lines == [f"{name}=={version}" for name, version in pins.items()]

@@ -255,8 +255,8 @@ class EvaluationSettings(_Strict):
     max_ppl_increase: dict[str, float] = Field(
         {}, description="Gates: the largest perplexity increase relative to the source's on the "
         "same windows (0.10 = +10%), by format (`gguf`) or format and type (`gguf/Q4_K_M`); the most specific "
-        "key wins. Unset: a default per GGUF type (F16 0.5%, Q8_0 2%, Q6_K 4%, Q5_* 8%, Q4_K_* 15%, Q4_0 25%, …) "
-        "and, for GPTQ and AWQ, which take no type, by bits (8-bit 2%, 4-bit 12%, 3-bit 35%).")
+        "key wins. Unset: each format's own default, by type or by bit width (docs/formats.md, \"Default "
+        "gates\").")
     max_kld: dict[str, float] = Field({}, description="Gates on the mean KL divergence from the "
                                       "source, keyed like `max_ppl_increase`, e.g. {gguf/Q8_0: 0.01}; none by default.")
     tokenizer_check: bool = Field(True, description="The artifact must tokenize the text like the source.")

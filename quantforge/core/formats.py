@@ -117,6 +117,9 @@ class Format(Protocol):
     name: str
     settings: type[BaseModel]  # the `formats.<name>` schema
     card_template: str  # file name under quantforge/templates
+    # the pip packages whose versions enter this format's step keys: `ci init` pins them, and a nightly's plan job
+    # (which installs none of them) reads their versions from those pins
+    key_tools: tuple[str, ...]
 
     def plan(self, model: ModelTarget, settings: Any, source: Step, evaluation: EvalSteps, context: PlanContext,
              calibration: Calibration) -> PlannedFormat: ...

@@ -243,6 +243,7 @@ class CheckpointFormat:
     name: str
     settings: type[Any]
     card_template = "checkpoint_card.md.jinja"
+    key_tools = (gptqmodel.PACKAGE,)
 
     def plan(self, model: ModelTarget, settings: CheckpointSettings, source: Step, evaluation: EvalSteps,
              context: PlanContext, calibration) -> PlannedFormat:

@@ -232,6 +232,7 @@ class FP8:
     name = NAME
     settings = FP8Settings
     card_template = CARD_TEMPLATE
+    key_tools = (PACKAGE,)
     plan = staticmethod(plan)
     adhoc = staticmethod(adhoc)
 

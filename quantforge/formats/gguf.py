@@ -307,6 +307,7 @@ class GGUF:
     name = "gguf"
     settings = GGUFSettings
     card_template = CARD_TEMPLATE
+    key_tools = (llamacpp.PACKAGE,)
     plan = staticmethod(plan)
     adhoc = staticmethod(adhoc)
 

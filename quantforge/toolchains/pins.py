@@ -19,8 +19,7 @@ from pathlib import Path
 from ..errors import BadInputError, ToolchainError
 
 ENV = "QUANTFORGE_CONSTRAINTS"
-# the tools whose versions enter step keys, and what they run with (pinned together by `ci init`)
-KEY_TOOLS = ("llama-cpp-python", "gptqmodel", "compressed-tensors")
+# what the tools whose versions enter step keys (each format's Format.key_tools) run with: `ci init` pins them too
 RUNTIME = ("torch", "transformers")
 _PIN_RE = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9][A-Za-z0-9._+!-]*)\s*(?:#.*)?")
 
@@ -83,7 +82,7 @@ def public_version(version: str) -> str:
     return version.split("+", 1)[0]
 
 
-def installed_pins(packages: tuple[str, ...] = KEY_TOOLS + RUNTIME) -> dict[str, str | None]:
+def installed_pins(packages: tuple[str, ...]) -> dict[str, str | None]:
     """package -> its installed version (local label dropped), None when it is not installed."""
     out: dict[str, str | None] = {}
     for package in packages:
