@@ -132,6 +132,25 @@ def source_folder(step: Step) -> Path | None:
     return Path(folder) if folder else None
 
 
+def plan_config(step: Step) -> dict[str, Any] | None:
+    """A source's config.json where it is on this machine at plan time (a local folder, or a Hub source's file in
+    the HF cache), for checks that can refuse settings before anything runs; None where it is not, or unreadable."""
+    folder = source_folder(step)
+    if folder is not None:
+        config_file: str | Path | None = folder / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        config_file = try_to_load_from_cache(step.params["source"], "config.json", revision=hub_commit(step))
+    if not isinstance(config_file, str | Path):  # None, or the "known not to exist" marker
+        return None
+    try:
+        config = json.loads(Path(config_file).read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def _local_sizes(folder: Path, patterns: list[str]) -> dict[str, int]:
     return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
             if p.is_file() and _matches(p.relative_to(folder), patterns)}
