@@ -38,7 +38,9 @@ __all__ = ["CARD_FILE", "HUB_URL", "SourceFacts", "calibration_desc", "card_temp
 
 def repo_id(model: ModelTarget, fmt: str) -> str:
     """The repo a model's format is published to, e.g. my-org/Qwen2.5-7B-Instruct-GGUF."""
-    return f"{model.publish.namespace}/{model.publish.repo_name(model.name, fmt)}"
+    settings = getattr(model.formats, fmt, None)
+    label = settings.repo_label() if settings is not None else None
+    return f"{model.publish.namespace}/{model.publish.repo_name(model.name, fmt, label)}"
 
 
 def release_info(model: ModelTarget) -> ReleaseInfo:

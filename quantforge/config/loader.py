@@ -159,7 +159,7 @@ def _repo_issues(models: list[tuple[int, ModelTarget]], path: Path, shown: str, 
         key_path = f"models[{i}].publish.repo"
         destination = "hub" if publish.folder is None else _folder(path, publish.folder)
         for fmt in model.formats.enabled():
-            name = publish.repo_name(model.name, fmt)
+            name = publish.repo_name(model.name, fmt, model.formats.settings(fmt).repo_label())
             repo = f"{publish.namespace}/{name}"
             if len(name) > MAX_NAME:
                 issues.append(ConfigIssue(shown, template_line, key_path, f"renders to a repo name of {len(name)} "

@@ -90,6 +90,11 @@ class FormatSettings(_Strict):
     def artifact_count(self) -> int:
         return 1
 
+    def repo_label(self) -> str:
+        """What `{FORMAT}` in `publish.repo` stands for (`{format}`: the same in lower case): the format's name in
+        capitals; a format whose repo holds one of the variants it can make adds which (a bit width, a scheme)."""
+        return self.format_name.upper()
+
     @classmethod
     def gate_type(cls, key: str, qtype: str) -> str:
         """The type part of a gate key such as `gguf/Q4_K_M`, checked; formats without types refuse one."""
@@ -221,8 +226,11 @@ class PublishTarget(_Strict):
             raise ValueError("the rendered repo name may use letters, digits, '.', '_' or '-'")
         return value
 
-    def repo_name(self, model: str, fmt: str) -> str:
-        return self.repo.format(model=model, format=fmt, FORMAT=fmt.upper())
+    def repo_name(self, model: str, fmt: str, label: str | None = None) -> str:
+        """The repo name for `model`'s format `fmt`; `label`: the format settings' repo_label() (unset: the format's
+        name in capitals)."""
+        label = label or fmt.upper()
+        return self.repo.format(model=model, format=label.lower(), FORMAT=label)
 
 
 # The loosest gate a limit may set: 10 is a perplexity eleven times the source's (+1000%), or a mean KL divergence
