@@ -8,9 +8,11 @@ bucket, a tight lower bound of the full KL that costs k values instead of a voca
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -135,6 +137,14 @@ def tokenizer_parity(expected: list[int], got: list[int], decode: Callable[[int]
         "first_difference": f"at token {i}: source {[decode(t) for t in expected[span]]} vs artifact "
                             f"{[decode(t) for t in got[span]]} ({len(expected)} vs {len(got)} ids)",
     }
+
+
+def sample_parity(sample_file: Path, encode: Callable[[str], list[int]], decode: Callable[[int], str]
+                  ) -> dict[str, object]:
+    """An artifact's tokenizer (`encode`, without special tokens) against the source's on the evaluation's sample:
+    a JSON file holding its text and the ids the source's tokenizer gave it."""
+    sample = json.loads(Path(sample_file).read_text())
+    return tokenizer_parity(sample["ids"], encode(sample["text"]), decode)
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,16 @@ def test_tokenizer_parity_names_the_first_differing_span():
                                        "['<2>', '<9>', '<9>', '<4>'] (4 vs 5 ids)"
 
 
+def test_sample_parity_reads_the_sample_the_source_was_tokenized_on(tmp_path):
+    import json
+
+    sample = tmp_path / "tokenizer_sample.json"
+    sample.write_text(json.dumps({"text": "ab c", "ids": [97, 98, 32, 99]}))
+    assert metrics.sample_parity(sample, lambda text: [ord(c) for c in text], chr) == {"same": True, "ids": 4}
+    differs = metrics.sample_parity(sample, lambda text: [ord(c) for c in text.replace(" ", "")], chr)
+    assert differs["first_difference"] == "at token 2: source ['b', ' ', 'c'] vs artifact ['b', 'c'] (4 vs 3 ids)"
+
+
 # ------------------------------------------------------------------------------------------------ gates
 
 def test_gate_limits_most_specific_wins():

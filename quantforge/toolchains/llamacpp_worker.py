@@ -195,13 +195,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                               "threads": [llm.n_threads, llm.n_threads_batch],
                               "seconds": round(seconds, 3), "tokens_per_second": round(windows.size / seconds, 1)}
     if args.sample:
-        sample = json.loads(args.sample.read_text())
-        got = llm.tokenize(sample["text"].encode(), add_bos=False, special=False)
-
-        def piece(token: int) -> str:
-            return llm.detokenize([token]).decode("utf-8", errors="replace")
-
-        result["tokenizer"] = metrics.tokenizer_parity(sample["ids"], got, piece)
+        result["tokenizer"] = metrics.sample_parity(
+            args.sample, lambda text: llm.tokenize(text.encode(), add_bos=False, special=False),
+            lambda t: llm.detokenize([t]).decode("utf-8", errors="replace"))
     return result
 
 

@@ -5,7 +5,6 @@ evaluation windows. Called in the worker's process, with the model the worker lo
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -66,9 +65,9 @@ def evaluate(model, checkpoint: Path, windows_file: Path, reference_file: Path, 
     result: dict[str, Any] = {"ok": True, **metrics.summarize(comparison, reference), "seconds": round(seconds, 3),
                               "tokens_per_second": round(windows.size / seconds, 1)}
     if sample_file:
-        sample = json.loads(sample_file.read_text())
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=trust_remote_code)
-        got = tokenizer(sample["text"], add_special_tokens=False)["input_ids"]
-        result["tokenizer"] = metrics.tokenizer_parity(sample["ids"], got, lambda t: tokenizer.decode([t]))
+        result["tokenizer"] = metrics.sample_parity(
+            sample_file, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+            lambda t: tokenizer.decode([t]))
     result["chat_template"] = has_chat_template(checkpoint)
     return result
