@@ -16,7 +16,8 @@ import typer
 from .errors import ConfigError, QuantforgeError, RunnerTooSmall
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Declarative quantization builds: targets.yaml in, verified GGUF, GPTQ and AWQ repos out.")
+                  help="Declarative quantization builds: targets.yaml in, quantized repos out, every artifact "
+                       "checked by its real consumer first.")
 
 TargetsArg = Annotated[Path, typer.Argument(help="The targets file (targets.yaml).", show_default=False)]
 WorkDirOpt = Annotated[Path, typer.Option("--work-dir", help="Where step outputs, logs and reports live.")]
