@@ -110,6 +110,14 @@ class AdhocArtifact:
     evaluate: Step
 
 
+def folder_files(output: StepOutput) -> PublishedArtifact:
+    """The files of an artifact that is a folder (its step's data names it: `dir`), at the repo's root: such a
+    checkpoint is the repo, as its runtimes load it (safetensors shards of at most 5 GB, which the Hub takes)."""
+    prefix = output.data["dir"] + "/"
+    return PublishedArtifact({rel.removeprefix(prefix): (output.file(rel), meta["sha256"])
+                              for rel, meta in output.files().items() if rel.startswith(prefix)})
+
+
 Calibration = Callable[..., Step]  # (dataset=, samples=, seq_len=) -> the shared calibration step
 
 

@@ -29,6 +29,7 @@ from ..core.formats import (
     Publishable,
     PublishedArtifact,
     RepoFile,
+    folder_files,
     format_named,
 )
 from ..core.registry import Estimates, step_kind
@@ -250,7 +251,7 @@ class CheckpointFormat:
         return plan_checkpoint(self.name, settings, model, source, evaluation, context, calibration)
 
     def published_files(self, output: StepOutput, scratch: Path, max_file_size: int) -> PublishedArtifact:
-        return published_files(output)
+        return folder_files(output)
 
     def render_card(self, card: CardInputs) -> str:
         return render_checkpoint_card(card, self)
@@ -264,13 +265,6 @@ class CheckpointFormat:
 
     def adhoc(self, path: Path, source: Step, evaluation: EvalSteps, context: PlanContext) -> AdhocArtifact | None:
         return adhoc(self.name, path, source, evaluation, context)
-
-
-def published_files(output: StepOutput) -> PublishedArtifact:
-    """A checkpoint folder's files go to the repo's root."""
-    prefix = output.data["dir"] + "/"
-    return PublishedArtifact({rel[len(prefix):]: (output.file(rel), meta["sha256"])
-                              for rel, meta in output.files().items() if rel.startswith(prefix)})
 
 
 def render_checkpoint_card(card: CardInputs, fmt: CheckpointFormat) -> str:

@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 
 from ..chat_template import has_chat_template
 from ..config.schema import FormatSettings
-from ..core.formats import AdhocArtifact, PlannedFormat, Publishable, PublishedArtifact, register_format
+from ..core.formats import AdhocArtifact, PlannedFormat, Publishable, PublishedArtifact, folder_files, register_format
 from ..core.registry import Estimates, step_kind
 from ..core.staleness import moved
 from ..core.step import PlanContext, Step, StepContext, StepOutput
@@ -238,10 +238,7 @@ class FP8:
 
     @staticmethod
     def published_files(output: StepOutput, scratch: Path, max_file_size: int) -> PublishedArtifact:
-        """The checkpoint folder's files, at the repo's root (safetensors shards of at most 5 GB)."""
-        prefix = output.data["dir"] + "/"
-        return PublishedArtifact({name.removeprefix(prefix): (output.file(name), meta["sha256"])
-                                  for name, meta in output.files().items() if name.startswith(prefix)})
+        return folder_files(output)
 
     @staticmethod
     def render_card(card: CardInputs) -> str:
