@@ -18,7 +18,7 @@ from .core.formats import Format, registered_formats
 from .core.plan import Plan, topological
 from .core.step import PlanContext, Step
 from .errors import BadInputError
-from .formats import awq, fp8, gguf, gptq
+from .formats import awq, fp8, gguf, gptq, mlx
 from .publish import publish_step
 from .publish.upload import upload_steps
 from .steps.calibration import calibration_step
@@ -27,7 +27,7 @@ from .steps.gate import gate_step
 from .steps.source import source_step
 
 # The formats offered, in the order `formats:` lists them: a new format is one module and one entry here.
-FORMAT_MODULES = (gguf, gptq, awq, fp8)
+FORMAT_MODULES = (gguf, gptq, awq, fp8, mlx)
 FORMATS: dict[str, Format] = {module.FORMAT.name: module.FORMAT for module in FORMAT_MODULES}
 assert FORMATS == registered_formats(), "every registered format is offered, and only those"
 # the pip packages whose versions enter step keys, every format's (pinned by `ci init`)

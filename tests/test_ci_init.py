@@ -235,11 +235,12 @@ def test_ci_init_pins_the_tools_the_keys_name_and_keeps_a_pinned_file(user_repo,
     lines = [line for line in (user_repo / ".github" / "quantforge-constraints.txt").read_text().splitlines()
              if line and not line.startswith("#")]
     assert lines == [f"{name}=={version}" for name, version in pins.items()]
-    assert {"llama-cpp-python", "gptqmodel", "compressed-tensors", "torch"} <= set(pins)
+    assert {"llama-cpp-python", "gptqmodel", "compressed-tensors", "mlx-lm", "mlx", "torch"} <= set(pins)
     assert "+" not in pins["torch"]  # 2.13.0, not +cpu
     # a constraints file of the user's own is kept when it pins the tools, refused when it does not
     own = user_repo / "pins.txt"
-    ours = "llama-cpp-python==0.3.36\ngptqmodel==7.6.0  # ours\ncompressed-tensors==0.20.1\n"
+    ours = ("llama-cpp-python==0.3.36\ngptqmodel==7.6.0  # ours\ncompressed-tensors==0.20.1\nmlx-lm==0.32.2\n"
+            "mlx==0.32.4\n")
     own.write_text(ours)
     kept = ci_init(user_repo, "--force", *install, "--constraints", str(own))
     assert kept.exit_code == 0 and f"kept {own}" in kept.output
@@ -248,10 +249,11 @@ def test_ci_init_pins_the_tools_the_keys_name_and_keeps_a_pinned_file(user_repo,
     own.write_text("torch==2.13.0\n")
     refused = ci_init(user_repo, "--force", *install, "--constraints", str(own))
     assert refused.exit_code == 2
-    assert "pins no version of llama-cpp-python, gptqmodel, compressed-tensors" in refused.output
+    assert "pins no version of llama-cpp-python, gptqmodel, compressed-tensors, mlx-lm, mlx" in refused.output
     assert own.read_text() == "torch==2.13.0\n"
     # the default file is ci init's own: --force writes it again with the versions installed here
     default = user_repo / ".github" / "quantforge-constraints.txt"
-    default.write_text("llama-cpp-python==0.0.1\ngptqmodel==0.0.1\ncompressed-tensors==0.0.1\n")
+    default.write_text("llama-cpp-python==0.0.1\ngptqmodel==0.0.1\ncompressed-tensors==0.0.1\nmlx-lm==0.0.1\n"
+                       "mlx==0.0.1\n")
     assert ci_init(user_repo, "--force", *install).exit_code == 0
     assert f"llama-cpp-python=={pins['llama-cpp-python']}\n" in default.read_text()

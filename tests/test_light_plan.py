@@ -23,7 +23,7 @@ from tiny_models import fake_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = yaml.safe_load((REPO / "quantforge" / "templates" / "nightly.yml").read_text())
 LIGHT = TEMPLATE["env"]["LIGHT_PACKAGES"].split()
-HEAVY = ("torch", "transformers", "llama_cpp", "gptqmodel", "compressed_tensors")
+HEAVY = ("torch", "transformers", "llama_cpp", "gptqmodel", "compressed_tensors", "mlx", "mlx_lm")
 CHILD = ("import sys\n"
          f"for name in {HEAVY!r}:\n"
          "    sys.modules[name] = None  # import fails, as where it is not installed\n"
@@ -33,7 +33,7 @@ CHILD = ("import sys\n"
 TARGETS = """
 defaults:
   publish: {to: "dir:./out", namespace: t}
-  formats: {gguf: {types: [Q8_0, Q4_K_M], imatrix: true}, gptq: {bits: 4, group_size: 64}, fp8: {}}
+  formats: {gguf: {types: [Q8_0, Q4_K_M], imatrix: true}, gptq: {bits: 4, group_size: 64}, fp8: {}, mlx: {}}
 models:
   - {name: m, source: ./ckpt}
 """
@@ -68,16 +68,18 @@ def site(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("light") / "site-packages"
     names = light_site(dest, LIGHT)
     assert not {"torch", "transformers", "llama-cpp-python", "gptqmodel", "accelerate", "optimum",
-                "compressed-tensors"} & names
+                "compressed-tensors", "mlx-lm", "mlx"} & names
     return dest
 
 
 @pytest.fixture
 def project(tmp_path) -> Path:
-    fake_checkpoint(tmp_path / "ckpt")
+    ckpt = fake_checkpoint(tmp_path / "ckpt")
+    # MLX's plan asks the installed mlx-lm about the architecture, where there is one (not in the light install)
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float16"}))
     (tmp_path / "targets.yaml").write_text(TARGETS)
     pins = "".join(f"{tool}=={metadata.version(tool)}\n" for tool in ("llama-cpp-python", "gptqmodel",
-                                                                      "compressed-tensors"))
+                                                                      "compressed-tensors", "mlx-lm", "mlx"))
     (tmp_path / "pins.txt").write_text(f"# the legs' pins\n{pins}")
     return tmp_path
 
