@@ -9,12 +9,10 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -23,124 +21,26 @@ from pydantic import (
     model_validator,
 )
 
-from ..data import parse_text_source
 from ..errors import BadInputError
 from ..figures import parse_size
 from .destination import DIR_PREFIX
+from .fields import MAX_NAME, NAME_RE, Strict, TextSpec, check_name
+
+# the formats' base models, re-exported: format modules and the loader import them from here
+from .format_settings import CalibratedSettings as CalibratedSettings
+from .format_settings import FormatSettings as FormatSettings
+from .format_settings import format_settings as format_settings
 from .licenses import check_license, check_license_link, check_license_name, check_release
 from .runner import DEFAULT_RUNNER, RUNNER_JSON_SCHEMA, RunnerSpec
 from .text import visible
 
-# used with fullmatch: `$` would also match before a final newline, and "a\n" would name a folder
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _REPO_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 # git check-ref-format forbids these in a ref; the Hub resolves branches, tags and commit shas
 _REVISION_RE = re.compile(r"[^\s\x00-\x1f\x7f~^:?*\[\\]{1,255}")
-# The Hub's limit for a repo's name and for a namespace. It also keeps file names short enough: the longest
-# that quantforge derives from a model name, <name>-<TYPE>-00001-of-00009.gguf (a split shard), is 96 + 28
-# bytes, and the filesystem allows 255.
-MAX_NAME = 96
 _TEMPLATE_FIELDS = frozenset({"model", "format", "FORMAT"})
 
 
-def _check_name(value: str, what: str) -> str:
-    """A name that becomes a folder and part of a repo id: ASCII letters, digits, '.', '_', '-'; at most 96."""
-    visible(value)
-    if not _NAME_RE.fullmatch(value):
-        raise ValueError(f"use letters, digits, '.', '_' or '-' ({what})")
-    if len(value) > MAX_NAME:
-        raise ValueError(f"{len(value)} characters; at most {MAX_NAME} ({what}; the Hub's limit, and it keeps "
-                         "file names under the filesystem's 255 bytes)")
-    return value
-
-
-class _Strict(BaseModel):
-    # strict: YAML gives numbers and booleans their own types, so a quoted "512" or a `true` where a number
-    # belongs is a mistake to name, not to convert (lax mode read `max_kld: {gguf: true}` as a limit of 1.0);
-    # the JSON Schema (`quantforge schema`) then says exactly what the loader accepts
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-def _text_source(value: str) -> str:
-    visible(value)  # a NUL in a path makes open() raise ValueError at build time
-    source = parse_text_source(value)  # ValueError says which forms are accepted
-    if source.kind == "file" and not source.paths:
-        raise ValueError("file: names no file; expected file:PATH[,PATH...]")
-    return value
-
-
-TextSpec = Annotated[str, AfterValidator(_text_source)]  # builtin | file:PATH[,PATH] | hf:REPO:CONFIG:SPLIT:COLUMN
-
-
-_FORMAT_SETTINGS: dict[str, type[FormatSettings]] = {}
-
-
-class FormatSettings(_Strict):
-    """Base of a format's settings model (`formats.<name>`). A subclass that sets `format_name` is that format's
-    schema: defining it registers it (formats/<name>.py), and the loader offers what is registered."""
-
-    format_name: ClassVar[str] = ""
-
-    @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
-        super().__pydantic_init_subclass__(**kwargs)
-        if "format_name" in cls.__dict__:
-            _FORMAT_SETTINGS[cls.format_name] = cls
-
-    def artifact_count(self) -> int:
-        return 1
-
-    def repo_label(self) -> str:
-        """What `{FORMAT}` in `publish.repo` stands for (`{format}`: the same in lower case): the format's name in
-        capitals; a format whose repo holds one of the variants it can make adds which (a bit width, a scheme)."""
-        return self.format_name.upper()
-
-    @classmethod
-    def gate_type(cls, key: str, qtype: str) -> str:
-        """The type part of a gate key such as `gguf/Q4_K_M`, checked; formats without types refuse one."""
-        fmt = key.split("/")[0]
-        raise ValueError(f"{key!r}: {fmt} makes one checkpoint; write {fmt!r} without a type")
-
-
-def format_settings() -> dict[str, type[FormatSettings]]:
-    """Format name -> settings model, for every format whose module has been imported."""
-    return dict(_FORMAT_SETTINGS)
-
-
-# The group sizes a real model can be quantized with: -1 (one group per row) or a power of two from 16 to 1024, the
-# union of what GPTQModel 7.6's kernels declare (SUPPORTS_GROUP_SIZE). Whether one divides every layer's input
-# size, and is not above the model's hidden size, is checked against the model itself (at plan time, and before
-# quantizing).
-GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
-
-
-class CalibratedSettings(FormatSettings):
-    """What formats calibrated on text share (GPTQ, AWQ): bit width, groups, and their own calibration text."""
-
-    bits: int = 4
-    group_size: int = Field(128, description="Columns that share one scale; -1: one group per row. Must divide "
-                            "every quantized layer's input size (checked before anything heavy runs).")
-    samples: int | None = Field(None, ge=1, le=100000, description="Calibration windows for this format "
-                                "(unset: the model's `calibration.samples`).")
-    seq_len: int | None = Field(None, ge=16, le=32768, description="Tokens per calibration window for this format "
-                                "(unset: `calibration.seq_len`).")
-    dataset: TextSpec | None = Field(None, description="The calibration text for this format (unset: "
-                                     "`calibration.dataset`); the same forms as `evaluation.dataset`.")
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, value: int) -> int:
-        if value not in GROUP_SIZES:
-            raise ValueError(f"expected -1 (one group per row) or one of {', '.join(map(str, GROUP_SIZES[1:]))} "
-                             "(the sizes GPTQModel's kernels load; vLLM's Marlin kernels take 32, 64 and 128)")
-        return value
-
-    def quantize_params(self) -> dict[str, Any]:
-        """The settings the quantization itself uses (its calibration text is a step of its own)."""
-        return self.model_dump(exclude={"samples", "seq_len", "dataset"})
-
-
-class CalibrationSettings(_Strict):
+class CalibrationSettings(Strict):
     """`calibration`: the text GPTQ, AWQ and the GGUF importance matrix are calibrated on."""
 
     dataset: TextSpec = Field("builtin", description="The same forms as `evaluation.dataset`. Windows are cut from "
@@ -150,7 +50,7 @@ class CalibrationSettings(_Strict):
     seq_len: int = Field(512, ge=16, le=32768, description="Tokens per window.")
 
 
-class Formats(_Strict):
+class Formats(Strict):
     """`formats`: one optional field per registered format (the loader makes the subclass that has them)."""
 
     def enabled(self) -> list[str]:
@@ -160,7 +60,7 @@ class Formats(_Strict):
         return getattr(self, name)
 
 
-class PublishTarget(_Strict):
+class PublishTarget(Strict):
     """`publish`: where finished, verified artifacts go."""
 
     to: str = Field("dir:./dist", description="`hub`, or `dir:PATH`: a folder laid out like Hub repos, "
@@ -206,7 +106,7 @@ class PublishTarget(_Strict):
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, value: str) -> str:
-        return _check_name(value, "it is the first part of each repo id")
+        return check_name(value, "it is the first part of each repo id")
 
     @field_validator("repo")
     @classmethod
@@ -222,7 +122,7 @@ class PublishTarget(_Strict):
             if name not in _TEMPLATE_FIELDS or spec or conv:
                 raise ValueError(f"bad placeholder {{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
                                  "; placeholders: {model} {format} {FORMAT}")
-        if not _NAME_RE.fullmatch(value.format(model="m", format="f", FORMAT="F")):
+        if not NAME_RE.fullmatch(value.format(model="m", format="f", FORMAT="F")):
             raise ValueError("the rendered repo name may use letters, digits, '.', '_' or '-'")
         return value
 
@@ -251,7 +151,7 @@ def check_gate_limit(table: str, limit: float, key: str | None = None) -> float:
     return limit
 
 
-class EvaluationSettings(_Strict):
+class EvaluationSettings(Strict):
     """`evaluation`: the perplexity / KL smoke test against the source model, and its gates."""
 
     dataset: TextSpec = Field("builtin", description="The text: `builtin` (Python's documentation topics, offline), "
@@ -298,7 +198,7 @@ class EvaluationSettings(_Strict):
         return limits.get(fmt, default)
 
 
-class ModelSettings(_Strict):
+class ModelSettings(Strict):
     """Everything a model may inherit from `defaults`."""
 
     revision: str = Field("main", description="A Hub source's branch, tag or commit; resolved to a commit sha at "
@@ -372,7 +272,7 @@ class ModelTarget(ModelSettings):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        return _check_name(value, "it names files, folders and repos")
+        return check_name(value, "it names files, folders and repos")
 
     @field_validator("source")
     @classmethod
