@@ -68,7 +68,7 @@ def plan(model: ModelTarget, target: GGUFSettings, source: Step, evaluation: Eva
     out.steps.append(convert)
     imatrix: Step | None = None
     matrix_kv: tuple[str, str, int] | None = None  # what quantize.imatrix.* say: file, dataset, chunks
-    if target.imatrix and any(target.weighted(t) for t in target.types):
+    if target.imatrix and any(target.weighted(t) for t in target.names()):
         calib = calibration()
         imatrix = imatrix_step(model, source, calib)
         # the matrix as llama.cpp's tools write it, published beside the files and named inside each of them
@@ -81,7 +81,7 @@ def plan(model: ModelTarget, target: GGUFSettings, source: Step, evaluation: Eva
         out.steps += [imatrix, matrix_file]
         out.extras.append(matrix_file)
     made: dict[str, tuple[Step, Step, Step]] = {}  # type -> quantize, verify, evaluate
-    for gguf_type in target.types:
+    for gguf_type in target.names():
         quantize_inputs = {"intermediate": convert}
         weighted = imatrix is not None and target.weighted(gguf_type)
         if weighted:

@@ -122,3 +122,14 @@ def run_variant_gate(step: Step, ctx: StepContext) -> dict[str, Any]:
         raise GateFailed(f"gate {outcome.name} failed: " + "; ".join(outcome.problems))
     return {**result, "sample": ctx.inputs["check"].data.get("generated_text"), "gate": outcome.to_json(),
             "frontier": verdict.to_json()}
+
+
+def published_points(artifacts: Mapping[str, tuple[StepOutput, StepOutput]]) -> tuple[list[Point], list[Point]]:
+    """The stock files and the variants of a repo (type -> (quantize output, gate output)) that have a size and
+    a mean KLD, as points."""
+    stock: list[Point] = []
+    variants: list[Point] = []
+    for name, (quant, gate) in artifacts.items():
+        if "size" in quant.data and isinstance(gate.data.get("kld_mean"), int | float):
+            (variants if quant.data.get("recipe") else stock).append(point(name, quant, gate))
+    return stock, variants

@@ -137,11 +137,10 @@ class VariantSettings(BaseModel):
 VariantName = Annotated[str, AfterValidator(check_variant_name)]
 
 
-# The JSON Schema (`quantforge schema`) offers the stock and builtin names for completion, in any case as the
-# validator takes them, and a declared variant's name (check_variant_name)
-_TYPE_JSON_SCHEMA = {"anyOf": [*names_schema([*GGUF_TYPES, *BUILTIN_VARIANTS])["anyOf"],
-                               {"type": "string", "pattern": f"^{TAG_RE.pattern}$"}]}
-TypeName = Annotated[str, BeforeValidator(upper_name), WithJsonSchema(_TYPE_JSON_SCHEMA)]
+# The JSON Schema (`quantforge schema`) offers the names for completion and accepts any case, as the validator does
+TYPE_NAMES = (*GGUF_TYPES, *BUILTIN_VARIANTS)
+TypeName = Annotated[Literal[TYPE_NAMES], BeforeValidator(upper_name),  # type: ignore[valid-type]
+                     WithJsonSchema(names_schema(TYPE_NAMES))]
 
 
 class GGUFSettings(FormatSettings):
@@ -151,10 +150,9 @@ class GGUFSettings(FormatSettings):
 
     types: list[TypeName] = Field(["Q4_K_M", "Q8_0"], min_length=1,
                                   description="The llama.cpp types to make, one file each (case-insensitive). "
-                                  f"{', '.join(NEEDS_IMATRIX)} need `imatrix: true`. Also a variant: a builtin one "
-                                  f"({', '.join(f'{n} = {r.describe()}' for n, r in BUILTIN_VARIANTS.items())}, "
-                                  "each at Q8_0) or one declared under `variants`; a variant is published only if it "
-                                  "beats the stock types of the list at its size (docs/recipes.md).")
+                                  f"{', '.join(NEEDS_IMATRIX)} need `imatrix: true`. Also bartowski's variants, a "
+                                  "stock type with the output and embeddings at Q8_0: "
+                                  f"{', '.join(f'{n} ({r.base})' for n, r in BUILTIN_VARIANTS.items())}.")
     intermediate: Literal[INTERMEDIATE_TYPES] = Field(  # type: ignore[valid-type]
         "auto", description="What the converter writes, the full-precision file every type is quantized from "
         "(auto: the highest-fidelity 16-bit type for the source's dtype).")
@@ -162,9 +160,21 @@ class GGUFSettings(FormatSettings):
                           "from the model's `calibration` text (one matrix serves every type; "
                           f"{', '.join(IMATRIX_UNUSED)} take none).")
     variants: dict[VariantName, VariantSettings] = Field(
-        {}, description="Named variants to list in `types`: a stock type with the output, the embeddings or the "
-        "tensors a pattern matches stored in other types, e.g. {Q4_K_XL: {base: Q4_K_M, output: Q8_0, tensors: "
-        r"{'blk\.[0-3]\.ffn_down': Q6_K}}}. Names: a tensor type and capital letters (a tag Ollama can ask for).")
+        {}, description="Variants to make besides `types`, by name: a stock type with the output, the embeddings or "
+        "the tensors a pattern matches stored in other types, e.g. {Q4_K_XL: {base: Q4_K_M, output: Q8_0, tensors: "
+        r"{'blk\.[0-3]\.ffn_down': Q6_K}}}. A name is a tensor type and capital letters (a tag Ollama can ask for). "
+        "A variant is published only if it beats the stock types of the build at its size (docs/recipes.md).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variants_not_in_types(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("types"), list) and isinstance(data.get("variants"), dict):
+            listed = [t.upper() for t in data["types"] if isinstance(t, str) and t.upper() in data["variants"]
+                      and t.upper() not in TYPE_NAMES]  # a variant named like a stock type: its name is the error
+            if listed:
+                raise ValueError(f"types: {', '.join(listed)} {'is' if len(listed) == 1 else 'are'} declared under "
+                                 "variants, which makes it: leave it out of types")
+        return data
 
     @field_validator("types")
     @classmethod
@@ -175,30 +185,25 @@ class GGUFSettings(FormatSettings):
         return value
 
     @model_validator(mode="after")
-    def _known_types(self) -> GGUFSettings:
-        known = [*GGUF_TYPES, *BUILTIN_VARIANTS, *self.variants]
-        for name in self.types:
-            if name not in known:
-                raise ValueError(f"types: {name!r} is neither a llama.cpp type nor a variant"
-                                 f"{did_you_mean(name, known)}")
-        unlisted = [name for name in self.variants if name not in self.types]
-        if unlisted:
-            raise ValueError(f"variants: {', '.join(unlisted)} declared but not listed in types (list what to build "
-                             "there)")
-        bases = [recipe.base for name in self.types if (recipe := self.recipe(name)) is not None]
-        if bases and len(bases) == len(self.types):
-            raise ValueError("types: a variant is published only if it beats the stock types of the same build at "
-                             f"its size: list at least one stock type too (e.g. {bases[0]})")
+    def _stock_to_compare_with(self) -> GGUFSettings:
+        bases = [recipe.base for name in self.names() if (recipe := self.recipe(name)) is not None]
+        if bases and len(bases) == len(self.names()):
+            raise ValueError("a variant is published only if it beats the stock types of the same build at its size: "
+                             f"list at least one stock type in types (e.g. {bases[0]})")
         return self
 
     @model_validator(mode="after")
     def _imatrix_for_lowest_bits(self) -> GGUFSettings:
-        needs = [t for t in self.types if t in NEEDS_IMATRIX or
+        needs = [t for t in self.names() if t in NEEDS_IMATRIX or
                  ((recipe := self.recipe(t)) is not None and (recipe.base in NEEDS_IMATRIX or needs_imatrix(recipe)))]
         if needs and not self.imatrix:
             raise ValueError(f"{', '.join(needs)} need{'s' if len(needs) == 1 else ''} an importance matrix: "
                              "add imatrix: true")
         return self
+
+    def names(self) -> list[str]:
+        """What to make: the types, then the declared variants."""
+        return [*self.types, *self.variants]
 
     def recipe(self, name: str) -> Recipe | None:
         """A variant's recipe (declared, or builtin); None for a stock type."""
@@ -213,15 +218,14 @@ class GGUFSettings(FormatSettings):
         return bool(kinds - {*IMATRIX_UNUSED, *UNQUANTIZED})
 
     def artifact_count(self) -> int:
-        return len(self.types)
+        return len(self.names())
 
     @classmethod
     def gate_type(cls, key: str, qtype: str) -> str:
         """A gate key's type part (`gguf/q4_k_m`), normalized; ValueError naming the closest type. A declared
         variant is held to its base type's limits; a builtin one may have its own."""
-        known = [*GGUF_TYPES, *BUILTIN_VARIANTS]
-        if qtype.upper() not in known:
-            raise ValueError(f"{key!r}: unknown GGUF type{did_you_mean(qtype.upper(), known)}")
+        if qtype.upper() not in TYPE_NAMES:
+            raise ValueError(f"{key!r}: unknown GGUF type{did_you_mean(qtype.upper(), TYPE_NAMES)}")
         return qtype.upper()
 
 
