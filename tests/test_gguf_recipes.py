@@ -327,3 +327,128 @@ def test_the_chart_is_a_png_with_the_same_bytes_for_the_same_figures(tmp_path):
                           env={"MPLBACKEND": "TkAgg", "DISPLAY": "", "PATH": "",
                                "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ a real build
+
+BUILD = r"""
+defaults:
+  publish: {to: 'dir:./out', namespace: t}
+  # random weights: near-uniform distributions, KLDs of 1e-6; only the mechanics and the worst variant tell
+  evaluation: {ctx: 64, chunks: 4, tokenizer_check: false, max_ppl_increase: {gguf: 0.5}}
+models:
+  - name: tiny
+    source: SOURCE
+    formats:
+      gguf:
+        types: [Q4_K_M, Q8_0, Q4_K_L]
+        variants:
+          Q4_K_XL: {base: Q4_K_M, output: Q8_0, tensors: {'blk\.0\.ffn_down': Q6_K, 'attn_v': Q8_0}}
+          Q8_0_BAD: {base: Q8_0, tensors: {'ffn_(up|gate|down)': Q2_K}}
+"""
+
+
+def quantforge(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "quantforge.cli", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def recipe_build(tmp_path_factory, tiny_models):
+    """A tiny Mistral with its own output head and 256-wide rows (K-quants fit: no fallbacks), built with two
+    stock types, a builtin `_L` variant, a pattern recipe and a deliberately bad variant, gates not enforced."""
+    root = tmp_path_factory.mktemp("recipes")
+    (root / "targets.yaml").write_text(BUILD.replace("SOURCE", str(tiny_models("mistral", hidden=256, tied=False))))
+    proc = quantforge("build", str(root / "targets.yaml"), "--work-dir", str(root / "work"), "--no-gate", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+@pytest.mark.slow
+def test_every_override_is_in_the_file_with_the_recipe(recipe_build):
+    from quantforge.toolchains.gguf_header import read_header
+
+    repo = recipe_build / "out" / "t" / "tiny-GGUF"
+
+    def types_and_keys(name: str) -> tuple[dict[str, str], dict[str, object]]:
+        header = read_header(repo / f"tiny-{name}.gguf")
+        return {t.name: t.type_name for t in header.tensors}, header.metadata
+
+    stock, stock_kv = types_and_keys("Q4_K_M")
+    pattern, kv = types_and_keys("Q4_K_XL")
+    layers = sorted({n.split(".")[1] for n in pattern if n.startswith("blk.")})
+    assert layers == ["0", "1"]
+    assert pattern["output.weight"] == "Q8_0" and pattern["blk.0.ffn_down.weight"] == "Q6_K"
+    assert all(pattern[f"blk.{i}.attn_v.weight"] == "Q8_0" for i in layers)
+    # the overrides changed what the stock mix gives those tensors; the kinds no rule names keep the stock mix
+    # (llama.cpp counts a kind's layers by the tensors its mix decided, so an override shifts the rest of its kind)
+    assert stock["output.weight"] != "Q8_0" and stock["blk.0.ffn_down.weight"] != "Q6_K"
+    untouched = [n for n in stock if not any(k in n for k in ("output.weight", "ffn_down", "attn_v"))]
+    assert len(untouched) > 10 and all(pattern[n] == stock[n] for n in untouched)
+    assert json.loads(kv["quantforge.recipe"]) == {"name": "Q4_K_XL", "base": "Q4_K_M", "output": "Q8_0",
+                                                   "tensor_types": 2}
+    assert kv["quantforge.recipe.tensor_type.0"] == "blk\\.0\\.ffn_down=Q6_K"
+    assert kv["quantforge.recipe.tensor_type.1"] == "attn_v=Q8_0"
+    assert not any(k.startswith("quantforge.recipe") for k in stock_kv)
+
+    builtin, builtin_kv = types_and_keys("Q4_K_L")
+    assert builtin["output.weight"] == "Q8_0" and builtin["token_embd.weight"] == "Q8_0"
+    assert stock["token_embd.weight"] != "Q8_0"
+    assert json.loads(builtin_kv["quantforge.recipe"])["embeddings"] == "Q8_0"
+
+    # the record says the same as the file
+    manifest = json.loads((repo / "quantforge.json").read_text())
+    record = manifest["artifacts"]["Q4_K_XL"]["artifact"]["recipe"]
+    assert {n: t for rule in record["applied"] for n, t in rule["tensors"].items()} == \
+        {"output.weight": "Q8_0", "blk.0.ffn_down.weight": "Q6_K",
+         **{f"blk.{i}.attn_v.weight": "Q8_0" for i in layers}}
+    assert "recipe" not in manifest["artifacts"]["Q4_K_M"]["artifact"]
+    # the card: the chart in the repo, a row and a recipe per variant
+    assert (repo / "kld-vs-size.png").read_bytes()[:4] == b"\x89PNG"
+    assert manifest["repo_files"]["kld-vs-size.png"]["points"]["Q4_K_L"]["variant"] is True
+    card = (repo / "README.md").read_text()
+    assert "![Mean KL divergence from the source against file size](./kld-vs-size.png)" in card
+    assert "llama-quantize --output-tensor-type q8_0 --tensor-type 'blk\\.0\\.ffn_down=q6_k' --tensor-type " \
+           "attn_v=q8_0 tiny-F16.gguf tiny-Q4_K_XL.gguf Q4_K_M" in card
+    assert card.count("<summary>") >= 3 and "`ollama run hf.co/t/tiny-GGUF:Q4_K_L`" in card
+
+
+@pytest.mark.slow
+def test_a_variant_worse_than_the_stock_frontier_fails_its_gate_with_both_klds(recipe_build, tmp_path):
+    from quantforge.formats.gguf_frontier import format_kld
+
+    root = recipe_build
+    manifest = json.loads((root / "out" / "t" / "tiny-GGUF" / "quantforge.json").read_text())
+    figures = {name: (a["artifact"]["size"], a["check"]["kld_mean"]) for name, a in manifest["artifacts"].items()}
+    (s1, k1), (s2, k2), (size, kld) = figures["Q4_K_M"], figures["Q8_0"], figures["Q8_0_BAD"]
+    assert s1 < size < s2  # Q2_K feed-forward layers on Q8_0: between the two stock files in size
+    expected = k1 + (k2 - k1) * (size - s1) / (s2 - s1)
+    assert kld > expected
+    # --no-gate published it and recorded the miss
+    recorded = manifest["artifacts"]["Q8_0_BAD"]["check"]["gate"]
+    assert recorded["enforced"] is False and recorded["passed"] is False
+    # enforced: only the gates run again (the stock figures are read as data), and this one fails
+    text = (root / "targets.yaml").read_text().replace("dir:./out", f"dir:{tmp_path / 'out'}")
+    (root / "strict.yaml").write_text(text)
+    proc = quantforge("build", str(root / "strict.yaml"), "--work-dir", str(root / "work"), "--keep-going")
+    assert proc.returncode == 1
+    assert (f"gate gguf/Q8_0_BAD failed: mean KLD {format_kld(kld)} is not below the stock frontier's "
+            f"{format_kld(expected)} at its size") in proc.stderr
+    assert "interpolated between Q4_K_M" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    latest = json.loads((root / "work" / "reports" / "latest.json").read_text())
+    ran = {s["kind"] for s in latest["steps"] if s["status"] not in ("reused", "not-run", "skipped")}
+    assert ran <= {"gate", "gguf.variant_gate"}, ran
+
+
+@pytest.mark.slow
+def test_a_pattern_that_matches_no_tensor_stops_before_quantizing(recipe_build):
+    root = recipe_build
+    typo = "          Q4_K_XX: {base: Q4_K_M, tensors: {'blk\\.9\\.ffn': Q6_K}}\n"
+    text = (root / "targets.yaml").read_text().replace("          Q8_0_BAD:", typo + "          Q8_0_BAD:")
+    (root / "typo.yaml").write_text(text)
+    proc = quantforge("build", str(root / "typo.yaml"), "--work-dir", str(root / "work"), "--no-gate")
+    assert proc.returncode == 1
+    assert ("tiny: formats.gguf.variants.Q4_K_XX.tensors: 'blk\\\\.9\\\\.ffn' matches no tensor llama.cpp quantizes in "
+            "this model (it has blk.0.attn_k.weight") in proc.stderr
+    assert "layers blk.0–blk.1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((root / "work").rglob("tiny-Q4_K_XX.gguf"))

@@ -10,6 +10,7 @@ from ..core.formats import ReleaseInfo
 from ..core.step import StepOutput
 from ..figures import format_pct, format_size
 from .gguf_chart import CHART_FILE
+from .gguf_frontier import format_kld
 from .gguf_recipes import Recipe
 from .gguf_release import imatrix_files, ollama_params, sampling_defaults
 
@@ -164,13 +165,13 @@ def variant_rows(repo_id: str, model: str, artifacts: dict[str, tuple[StepOutput
         expected, kld = front.get("frontier_kld"), gate.data.get("kld_mean")
         if expected and kld is not None:
             between = " – ".join(p["name"] for p in (front.get("below"), front.get("above")) if p)
-            frontier = f"{expected:.4f} ({between})"
+            frontier = f"{format_kld(expected)} ({between})"
             versus = format_pct(kld / expected - 1, digits=0)
         else:
             frontier, versus = "none smaller", "-"
         out.append({
             "name": name, "recipe": recipe.describe(), "size": format_size(quant.data["size"]),
-            "kld": f"{kld:.4f}" if kld is not None else "-", "frontier": frontier, "versus": versus,
+            "kld": format_kld(kld) if kld is not None else "-", "frontier": frontier, "versus": versus,
             "rules": [{"rule": r["rule"] if r["rule"] in ("output", "embeddings") else f"`{r['rule']}`",
                        "type": r["type"], "count": len(r["tensors"]),
                        "tensors": ", ".join(sorted(r["tensors"])[:4]) + (", …" if len(r["tensors"]) > 4 else ""),

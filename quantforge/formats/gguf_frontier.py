@@ -33,6 +33,11 @@ from ..steps.gate import gate_step, judge
 VARIANT_GATE_KIND = "gguf.variant_gate"
 
 
+def format_kld(value: float) -> str:
+    """Four decimals, as the cards print KLD; significant digits below that (a tiny model's are 1e-6)."""
+    return f"{value:.4f}" if value >= 1e-3 or value == 0 else f"{value:.3g}"
+
+
 @dataclass(frozen=True)
 class Point:
     """A file on the (size, mean KLD) plane."""
@@ -42,7 +47,7 @@ class Point:
     kld: float
 
     def desc(self) -> str:
-        return f"{self.name} ({format_size(self.size)}, KLD {self.kld:.4f})"
+        return f"{self.name} ({format_size(self.size)}, KLD {format_kld(self.kld)})"
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,8 @@ def dominance(variant: Point, stock: Sequence[Point]) -> Verdict:
     if variant.kld < expected:
         return Verdict(True, expected, below, above)
     return Verdict(False, expected, below, above,
-                   f"mean KLD {variant.kld:.4f} is not below the stock frontier's {expected:.4f} at its size "
-                   f"({format_size(variant.size)}; {between}): a stock file is as good for its bytes")
+                   f"mean KLD {format_kld(variant.kld)} is not below the stock frontier's {format_kld(expected)} "
+                   f"at its size ({format_size(variant.size)}; {between}): a stock file is as good for its bytes")
 
 
 def point(name: str, artifact: StepOutput, evaluation: StepOutput) -> Point:
