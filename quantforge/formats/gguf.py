@@ -8,6 +8,10 @@ file in the llama.cpp runtime before it may be published.
 verify: llama.cpp loads the file and greedily generates; evaluate: perplexity, KL divergence and top-1
 agreement against the source model on the harness's windows, the GGUF's own tokenizer against the source's,
 and the chat template; gate: the limits those must meet before the file may be published.
+
+A variant (Q4_K_L, or one declared under `variants`: gguf_recipes.py) is quantized from its base type with its
+recipe in the step's parameters, and its gate (gguf.variant_gate, gguf_frontier.py) also reads every stock type's
+size and mean KLD: it must beat the stock frontier at its size.
 """
 
 from __future__ import annotations
