@@ -15,7 +15,7 @@ from test_card import _outputs
 from tiny_models import fake_checkpoint
 
 from quantforge.core.step import PlanContext, StepOutput
-from quantforge.errors import ConfigError
+from quantforge.errors import ConfigError, ToolchainError
 from quantforge.formats.gguf import render_gguf_card
 from quantforge.formats.gguf_chart import render_chart
 from quantforge.formats.gguf_frontier import Point, dominance, frontier
@@ -201,7 +201,7 @@ def test_what_each_rule_set_is_read_back_with_llama_cpp_precedence():
     fell = applied(recipe, TENSORS, types | {"blk.1.ffn_down.weight": "Q8_0"},
                    [{"tensor": "blk.1.ffn_down.weight", "wanted": "q6_K", "used": "q8_0"}])
     assert fell["fallbacks"] == {"blk.1.ffn_down.weight": "Q8_0"}
-    with pytest.raises(RecipeMismatch, match=r"blk\.2\.ffn_down\.weight is Q4_K, not Q6_K"):
+    with pytest.raises(ToolchainError, match=r"blk\.2\.ffn_down\.weight is Q4_K, not Q6_K"):
         applied(recipe, TENSORS, types | {"blk.2.ffn_down.weight": "Q4_K"}, [])
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInputError
+from ..errors import BadInputError, ToolchainError
 from ..toolchains.gguf_header import read_header
 from ..toolchains.llamacpp import TensorTypes
 
@@ -184,7 +184,7 @@ def applied(recipe: Recipe, tensors: list[Tensor], tensor_types: Mapping[str, st
             fallbacks: list[dict[str, str]]) -> dict[str, Any]:
     """What each rule of `recipe` set in the file (tensor -> type read back from it) among the `tensors` llama.cpp
     quantizes, with its precedence: the embedding type, the output type, the first pattern that matches (and, for
-    tied embeddings, the output type on token_embd when nothing else set it). Raises RecipeMismatch when a tensor
+    tied embeddings, the output type on token_embd when nothing else set it). Raises ToolchainError when a tensor
     a rule decides holds another type and llama.cpp recorded no fallback for it."""
     names = [t.name for t in tensors]
     fell_back = {f["tensor"]: f["used"].upper() for f in fallbacks}
@@ -206,7 +206,8 @@ def applied(recipe: Recipe, tensors: list[Tensor], tensor_types: Mapping[str, st
     rule("output", recipe.output, [n for n in names if n == OUTPUT or (tied and n == EMBEDDINGS and n not in claimed)])
     for pattern, qtype, matched in patterns:
         rule(pattern, qtype, [n for n in matched if n not in claimed])
-    if wrong:
-        raise RecipeMismatch(f"llama.cpp did not apply the recipe of {recipe.name}: {'; '.join(wrong[:5])}")
+    if wrong:  # llama.cpp's own rules won (an architecture's forced types): the file is not what the recipe says
+        raise ToolchainError(f"llama.cpp did not apply the recipe of {recipe.name}: {'; '.join(wrong[:5])}; "
+                             "change the rules that name those tensors")
     return {**recipe.to_params(), "applied": rules,
             "fallbacks": {n: t for r in rules for n, t in r["tensors"].items() if t != r["type"]}}
