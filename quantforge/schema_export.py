@@ -92,7 +92,13 @@ def reference_markdown() -> str:
     defs["TargetsFile"] = schema
     sections = list(_SECTIONS)
     formats = defs["Formats"]["properties"]
-    sections += [(_ref_name(formats[name]), f"formats.{name}", None) for name in formats]
+    for name in formats:
+        ref = _ref_name(formats[name])
+        sections.append((ref, f"formats.{name}", None))
+        # a map of blocks (names of the user's own, each a block of keys) gets its own table after its format's
+        sections += [(_ref_name(prop["additionalProperties"]), f"formats.{name}.{key}.NAME", None)
+                     for key, prop in defs[ref]["properties"].items()
+                     if isinstance(prop.get("additionalProperties"), dict) and _ref_name(prop["additionalProperties"])]
     anchors = {ref: (heading, _anchor(heading)) for ref, heading, _ in sections}
     anchors["ModelTarget"] = ("models", _anchor("A model"))
     anchors["ModelSettings"] = ("model settings", _anchor("A model"))

@@ -53,8 +53,9 @@ def converter():
 def tiny_models(tmp_path_factory, converter):
     root = tmp_path_factory.mktemp("tiny-models")
 
-    def get(family: str, hidden: int = 64) -> Path:
-        return make_tiny_model(family, converter.vocab_dir, root / f"{family}-{hidden}", hidden=hidden)
+    def get(family: str, hidden: int = 64, tied: bool = True) -> Path:
+        return make_tiny_model(family, converter.vocab_dir, root / f"{family}-{hidden}{'' if tied else '-untied'}",
+                               hidden=hidden, tied=tied)
 
     return get
 

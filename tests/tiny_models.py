@@ -17,9 +17,11 @@ FAMILIES = {
 }
 
 
-def make_tiny_model(family: str, vocab_dir: Path, dest: Path, *, seed: int = 0, hidden: int = 64) -> Path:
+def make_tiny_model(family: str, vocab_dir: Path, dest: Path, *, seed: int = 0, hidden: int = 64,
+                    tied: bool = True) -> Path:
     """hidden=64 is the smallest that converts; GPTQModel's AWQ needs output sizes in multiples of 64, which
-    hidden=128 gives the key/value projections (2 heads of 32)."""
+    hidden=128 gives the key/value projections (2 heads of 32); hidden=256 fits K-quants' 256-blocks. tied=False
+    gives the model an output head of its own (GGUF output.weight) beside the embeddings."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,7 +32,7 @@ def make_tiny_model(family: str, vocab_dir: Path, dest: Path, *, seed: int = 0, 
     tokenizer = AutoTokenizer.from_pretrained(vocab_dir, gguf_file=vocab_file)
     config = getattr(transformers, config_cls)(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra,
     )
     torch.manual_seed(seed)

@@ -300,12 +300,15 @@ def _locate(loc: tuple, lines: Lines, prefixes: list[tuple]) -> tuple[tuple, int
 
 def _allowed_keys(model_cls: type[BaseModel], loc: tuple) -> tuple[str, ...]:
     cls: Any = model_cls
+    named = False  # the last field was a mapping of models: the next part is a name of the user's, not a field
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) or named:
+            named = False
             continue
         field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
         if field is None:
             return ()
+        named = typing.get_origin(field.annotation) is dict
         cls = _model_in(field.annotation)
     return tuple(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else ()
 
@@ -313,6 +316,8 @@ def _allowed_keys(model_cls: type[BaseModel], loc: tuple) -> tuple[str, ...]:
 def _model_in(annotation: Any) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    if typing.get_origin(annotation) is dict:
+        return _model_in(typing.get_args(annotation)[1])
     if typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
         for arg in typing.get_args(annotation):
             found = _model_in(arg)

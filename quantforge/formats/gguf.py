@@ -8,19 +8,20 @@ file in the llama.cpp runtime before it may be published.
 verify: llama.cpp loads the file and greedily generates; evaluate: perplexity, KL divergence and top-1
 agreement against the source model on the harness's windows, the GGUF's own tokenizer against the source's,
 and the chat template; gate: the limits those must meet before the file may be published.
+
+A variant (Q4_K_L, or one declared under `variants`: gguf_recipes.py) is quantized from its base type with its
+recipe in the step's parameters, and its gate (gguf.variant_gate, gguf_frontier.py) also reads every stock type's
+size and mean KLD: it must beat the stock frontier at its size.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator, model_validator
+from typing import Any
 
 from ..card import public_text_name, release_info
-from ..config.schema import FormatSettings, ModelTarget
+from ..config.schema import ModelTarget
 from ..core.formats import (
     AdhocArtifact,
     CardInputs,
@@ -35,78 +36,23 @@ from ..core.registry import step_kind
 from ..core.staleness import moved
 from ..core.step import PlanContext, Step, StepContext, StepOutput
 from ..errors import BadInputError, VerificationError
-from ..gguf_types import DEFAULT_MAX_PPL_INCREASE_BY_TYPE, GGUF_TYPES, IMATRIX_UNUSED, INTERMEDIATE_TYPES, NEEDS_IMATRIX
+from ..gguf_types import DEFAULT_MAX_PPL_INCREASE_BY_TYPE
 from ..steps.evaluation import VERIFY_PROMPT, VERIFY_TOKENS, ScoringInputs
 from ..steps.gate import gate_step
 from ..store import sha256_file
 from ..toolchains import imatrix_gguf, llamacpp
 from ..toolchains.gguf_split import split_gguf
-from . import gguf_costs, gguf_release
+from . import gguf_costs, gguf_recipes, gguf_release
 from .gguf_card import CARD_TEMPLATE, render_gguf_card
+from .gguf_frontier import variant_gate
 from .gguf_imatrix import IMATRIX_FILE, imatrix_step
+from .gguf_recipes import Recipe
 from .gguf_release import IMATRIX_FILE_KIND, imatrix_file_name
+from .gguf_settings import GGUFSettings
 
 __all__ = ["CARD_TEMPLATE", "FORMAT", "GGUFSettings", "artifact_name", "plan", "render_gguf_card"]
 
 INTERMEDIATE_FILE = "intermediate.gguf"
-
-
-def _upper(value: Any) -> Any:
-    return value.upper() if isinstance(value, str) else value
-
-
-def _caseless(name: str) -> str:
-    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in name)
-
-
-# The JSON Schema (`quantforge schema`) offers the names for completion and accepts any case, as the validator does.
-_TYPE_JSON_SCHEMA = {"anyOf": [{"enum": list(GGUF_TYPES)},
-                               {"type": "string", "pattern": f"^({'|'.join(map(_caseless, GGUF_TYPES))})$"}]}
-GGUFType = Annotated[Literal[tuple(GGUF_TYPES)], BeforeValidator(_upper),  # type: ignore[valid-type]
-                     WithJsonSchema(_TYPE_JSON_SCHEMA)]
-
-
-class GGUFSettings(FormatSettings):
-    """`formats.gguf`: which llama.cpp types to produce."""
-
-    format_name = "gguf"
-
-    types: list[GGUFType] = Field(["Q4_K_M", "Q8_0"], min_length=1,
-                                  description="The llama.cpp types to make, one file each (case-insensitive). "
-                                  f"{', '.join(NEEDS_IMATRIX)} need `imatrix: true`.")
-    intermediate: Literal[INTERMEDIATE_TYPES] = Field(  # type: ignore[valid-type]
-        "auto", description="What the converter writes, the full-precision file every type is quantized from "
-        "(auto: the highest-fidelity 16-bit type for the source's dtype).")
-    imatrix: bool = Field(False, description="Weigh each type's quantization errors by an importance matrix computed "
-                          "from the model's `calibration` text (one matrix serves every type; "
-                          f"{', '.join(IMATRIX_UNUSED)} take none).")
-
-    @field_validator("types")
-    @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
-        dupes = sorted({t for t in value if value.count(t) > 1})
-        if dupes:
-            raise ValueError(f"listed more than once: {', '.join(dupes)}")
-        return value
-
-    @model_validator(mode="after")
-    def _imatrix_for_lowest_bits(self) -> GGUFSettings:
-        needs = [t for t in self.types if t in NEEDS_IMATRIX]
-        if needs and not self.imatrix:
-            raise ValueError(f"{', '.join(needs)} need{'s' if len(needs) == 1 else ''} an importance matrix: "
-                             "add imatrix: true")
-        return self
-
-    def artifact_count(self) -> int:
-        return len(self.types)
-
-    @classmethod
-    def gate_type(cls, key: str, qtype: str) -> str:
-        """A gate key's type part (`gguf/q4_k_m`), normalized; ValueError naming the closest type."""
-        if qtype.upper() not in GGUF_TYPES:
-            close = difflib.get_close_matches(qtype.upper(), list(GGUF_TYPES), n=1)
-            raise ValueError(f"{key!r}: unknown GGUF type" + (f"; did you mean {close[0]!r}?" if close else ""))
-        return qtype.upper()
 
 
 def artifact_name(model: str, gguf_type: str) -> str:
@@ -126,7 +72,7 @@ def plan(model: ModelTarget, target: GGUFSettings, source: Step, evaluation: Eva
     out.steps.append(convert)
     imatrix: Step | None = None
     matrix_kv: tuple[str, str, int] | None = None  # what quantize.imatrix.* say: file, dataset, chunks
-    if target.imatrix and any(t not in IMATRIX_UNUSED for t in target.types):
+    if target.imatrix and any(target.weighted(t) for t in target.names()):
         calib = calibration()
         imatrix = imatrix_step(model, source, calib)
         # the matrix as llama.cpp's tools write it, published beside the files and named inside each of them
@@ -138,15 +84,19 @@ def plan(model: ModelTarget, target: GGUFSettings, source: Step, evaluation: Eva
         matrix_kv = (matrix_file.params["file"], dataset, calib.params["samples"])
         out.steps += [imatrix, matrix_file]
         out.extras.append(matrix_file)
-    for gguf_type in target.types:
+    made: dict[str, tuple[Step, Step, Step]] = {}  # type -> quantize, verify, evaluate
+    for gguf_type in target.names():
         quantize_inputs = {"intermediate": convert}
-        weighted = imatrix is not None and gguf_type not in IMATRIX_UNUSED
+        weighted = imatrix is not None and target.weighted(gguf_type)
         if weighted:
             quantize_inputs["imatrix"] = imatrix
         metadata = gguf_release.quantize_metadata(model, release, source, matrix_kv if weighted else None)
-        quantize = Step(kind="gguf.quantize", label=f"{model.name}/gguf/{gguf_type}:quantize",
-                        params={"type": gguf_type, "file": artifact_name(model.name, gguf_type),
-                                "metadata": metadata},
+        params: dict[str, Any] = {"type": gguf_type, "file": artifact_name(model.name, gguf_type), "metadata": metadata}
+        recipe = target.recipe(gguf_type)
+        if recipe is not None:  # a stock type's parameters (and key) stay as they were
+            params = {**params, "type": recipe.base, "recipe": recipe.to_params(),
+                      "metadata": {**metadata, **recipe.metadata()}}
+        quantize = Step(kind="gguf.quantize", label=f"{model.name}/gguf/{gguf_type}:quantize", params=params,
                         inputs=quantize_inputs, tools={"libllama": libllama},
                         model=model.name, fmt="gguf", qtype=gguf_type)
         verify = Step(kind="gguf.verify", label=f"{model.name}/gguf/{gguf_type}:verify",
@@ -155,9 +105,17 @@ def plan(model: ModelTarget, target: GGUFSettings, source: Step, evaluation: Eva
                       model=model.name, fmt="gguf", qtype=gguf_type)
         evaluate = evaluate_step(f"{model.name}/gguf/{gguf_type}:evaluate", quantize, evaluation, source, context,
                                  model.name, gguf_type)
-        gate = gate_step(f"{model.name}/gguf/{gguf_type}:gate", "gguf", gguf_type, evaluate, verify,
-                         evaluation.settings, DEFAULT_MAX_PPL_INCREASE_BY_TYPE.get(gguf_type),
-                         context.enforce_gates, model.name)
+        made[gguf_type] = (quantize, verify, evaluate)
+    stock = {t: (q, e) for t, (q, _, e) in made.items() if target.recipe(t) is None}
+    for gguf_type, (quantize, verify, evaluate) in made.items():
+        label = f"{model.name}/gguf/{gguf_type}:gate"
+        recipe = target.recipe(gguf_type)
+        if recipe is None:
+            gate = gate_step(label, "gguf", gguf_type, evaluate, verify, evaluation.settings,
+                             DEFAULT_MAX_PPL_INCREASE_BY_TYPE.get(gguf_type), context.enforce_gates, model.name)
+        else:  # published only if it beats the stock files of this build at its size (gguf_frontier.py)
+            gate = variant_gate(label, gguf_type, recipe.base, evaluate, verify, quantize, stock, evaluation.settings,
+                                DEFAULT_MAX_PPL_INCREASE_BY_TYPE.get(recipe.base), context.enforce_gates, model.name)
         out.steps += [quantize, verify, evaluate, gate]
         out.publishable.append(Publishable(gguf_type, quantize, gate))
     return out
@@ -197,12 +155,20 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
         imatrix = (ctx.inputs["imatrix"].file(IMATRIX_FILE), converter.root / "gguf-py")
     metadata = gguf_release.build_metadata(step.params["metadata"], step.tools["libllama"],
                                            ctx.inputs["intermediate"].data.get("converter"))
+    recipe = Recipe.from_params(step.params["recipe"]) if "recipe" in step.params else None
+    tensors = gguf_recipes.quantized_tensors(intermediate) if recipe else []
+    if recipe is not None:  # before quantizing: a pattern that fits no tensor of this model is the user's to fix
+        gguf_recipes.check_tensors(recipe, tensors, f"{step.model}: formats.gguf.variants.{recipe.name}")
     result = llamacpp.quantize(intermediate, out_file, step.params["type"], ctx.log_path, ctx.options.threads,
-                               imatrix=imatrix, kv_overrides=metadata)
+                               imatrix=imatrix, kv_overrides=metadata,
+                               tensor_types=recipe.tensor_types() if recipe else None)
     info = llamacpp.describe_gguf(out_file)
     if result.get("imatrix"):
         result["imatrix"]["calibration"] = ctx.inputs["imatrix"].data.get("calibration")
+    if recipe is not None:  # what each rule set, read back from the file
+        result["recipe"] = gguf_recipes.applied(recipe, tensors, info["tensor_types"], result["fallbacks"])
     return {
+        **({"recipe": result["recipe"]} if recipe else {}),
         "imatrix": result.get("imatrix"),
         "type": step.params["type"],
         "file": out_file.name,

@@ -8,7 +8,10 @@ from typing import Any
 from ..card import calibration_desc, eval_desc, measured, render_card
 from ..core.formats import ReleaseInfo
 from ..core.step import StepOutput
-from ..figures import format_size
+from ..figures import format_pct, format_size
+from .gguf_chart import CHART_FILE
+from .gguf_frontier import format_kld
+from .gguf_recipes import Recipe
 from .gguf_release import imatrix_files, ollama_params, sampling_defaults
 
 CARD_TEMPLATE = "gguf_card.md.jinja"
@@ -37,6 +40,8 @@ def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOu
             notes.append("importance matrix")
         if parts:
             notes.append(f"split in {len(parts)} files; load the first")
+        if q.get("recipe"):
+            notes.insert(0, f"variant of {q['recipe']['base']} ([recipe](#quality-per-byte))")
         rows.append({
             "file": parts[0] if parts else q["file"], "type": qtype, "size": format_size(q["size"]),
             "size_bytes": q["size"], **measured(q, g), "ppl_value": g.get("ppl"), "ppl_err": g.get("ppl_err"),
@@ -65,6 +70,8 @@ def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOu
         imatrix=_imatrix_desc({t: q.data["imatrix"] for t, (q, _) in artifacts.items() if q.data.get("imatrix")}),
         imatrix_file=_imatrix_file(matrix[0]) if matrix else None,
         sampling=sampling, ollama_params=ollama_params(sampling),
+        variants=variant_rows(repo_id, model, artifacts, matrix[0].data["file"] if matrix else None),
+        chart=CHART_FILE,
         inside=metadata_keys([q.data.get("metadata") or {} for q, _ in artifacts.values()], release or ReleaseInfo()),
     )
 
@@ -142,3 +149,36 @@ def _imatrix_file(out: StepOutput) -> dict[str, Any]:
     d = out.data
     return {"name": d["file"], "entries": d["entries"],
             "calibration": f"`{d['dataset']}`, {d['chunks']} chunks of {d['chunk_size']} tokens"}
+
+
+def variant_rows(repo_id: str, model: str, artifacts: dict[str, tuple[StepOutput, StepOutput]],
+                 imatrix_file: str | None) -> list[dict[str, Any]]:
+    """One entry per variant: its recipe, what each rule set, how it compares with the stock frontier (its
+    gate's record) and the llama-quantize command line that makes it from the converter's output."""
+    out = []
+    for name, (quant, gate) in artifacts.items():
+        applied = quant.data.get("recipe")
+        if not applied:
+            continue
+        recipe = Recipe.from_params(applied)
+        front = gate.data.get("frontier") or {}
+        expected, kld = front.get("frontier_kld"), gate.data.get("kld_mean")
+        if expected and kld is not None:
+            between = " – ".join(p["name"] for p in (front.get("below"), front.get("above")) if p)
+            frontier = f"{format_kld(expected)} ({between})"
+            versus = format_pct(kld / expected - 1, digits=0)
+        else:
+            frontier, versus = "none smaller", "-"
+        out.append({
+            "name": name, "recipe": recipe.describe(), "size": format_size(quant.data["size"]),
+            "kld": format_kld(kld) if kld is not None else "-", "frontier": frontier, "versus": versus,
+            "rules": [{"rule": r["rule"] if r["rule"] in ("output", "embeddings") else f"`{r['rule']}`",
+                       "type": r["type"], "count": len(r["tensors"]),
+                       "tensors": ", ".join(sorted(r["tensors"])[:4]) + (", …" if len(r["tensors"]) > 4 else ""),
+                       "fell_back": sorted({t for t in r["tensors"].values() if t != r["type"]})}
+                      for r in applied.get("applied", [])],
+            "command": recipe.command(f"{model}-F16.gguf", quant.data["file"],
+                                      imatrix_file if quant.data.get("imatrix") else None),
+            "tag": f"{repo_id}:{name}",
+        })
+    return out

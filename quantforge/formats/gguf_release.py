@@ -24,6 +24,8 @@ from ..core.step import Step, StepOutput
 from ..steps.source import content_digest
 from ..store import sha256_file
 from ..toolchains import imatrix_gguf
+from .gguf_chart import CHART_FILE, render_chart
+from .gguf_frontier import published_points
 
 IMATRIX_FILE_KIND = "gguf.imatrix_file"
 OLLAMA_PARAMS_FILE = "params"  # Ollama reads a repo's `params` (JSON) when it runs hf.co/<repo>
@@ -109,8 +111,8 @@ def imatrix_files(extras: tuple[StepOutput, ...]) -> list[StepOutput]:
 
 
 def repo_files(card: CardInputs, scratch: Path) -> tuple[RepoFile, ...]:
-    """The importance matrix (when the files used one) and Ollama's params (when the source recommends sampling
-    values), each once per repo."""
+    """The importance matrix (when the files used one), Ollama's params (when the source recommends sampling
+    values) and, when the repo has a variant, the chart of mean KLD against size (gguf_chart.py), each once."""
     files = []
     for out in imatrix_files(card.extras):
         name = out.data["file"]
@@ -123,4 +125,11 @@ def repo_files(card: CardInputs, scratch: Path) -> tuple[RepoFile, ...]:
         path.write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
         files.append(RepoFile(OLLAMA_PARAMS_FILE, path, sha256_file(path), {
             "what": f"Ollama sampling parameters, from the source's {GENERATION_CONFIG}", "params": params}))
+    stock, variants = published_points({a.name: (a.output, a.gate) for a in card.artifacts})
+    if variants:
+        chart = render_chart(stock, variants, scratch / CHART_FILE, f"{card.model}: mean KL divergence against size")
+        files.append(RepoFile(CHART_FILE, chart, sha256_file(chart), {
+            "what": "mean KL divergence from the source against file size, with the stock frontier",
+            "points": {p.name: {"size": p.size, "kld_mean": p.kld, "variant": p in variants}
+                       for p in [*stock, *variants]}}))
     return tuple(files)

@@ -280,21 +280,43 @@ def check_kv_overrides(kv_overrides: Mapping[str, KVValue]) -> dict[str, KVValue
     return checked
 
 
+@dataclass(frozen=True)
+class TensorTypes:
+    """Tensor types that override a file type's mix, as llama-quantize's --output-tensor-type,
+    --token-embedding-type and --tensor-type PATTERN=TYPE set them (ggml type names; patterns are searched in
+    each tensor's name, the first that matches wins)."""
+
+    output: str | None = None
+    embeddings: str | None = None
+    patterns: tuple[tuple[str, str], ...] = ()
+
+    def worker_args(self) -> list[str]:
+        args = ["--output-tensor-type", self.output] if self.output else []
+        args += ["--token-embedding-type", self.embeddings] if self.embeddings else []
+        for pattern, qtype in self.patterns:
+            args.append(f"--tensor-type={pattern}={qtype}")  # one argument: a pattern may start with '-'
+        return args
+
+
 def quantize(in_file: Path, out_file: Path, gguf_type: str, log_path: Path, threads: int | None = None,
              imatrix: tuple[Path, Path] | None = None,
-             kv_overrides: Mapping[str, KVValue] | None = None) -> dict:
+             kv_overrides: Mapping[str, KVValue] | None = None, tensor_types: TensorTypes | None = None) -> dict:
     """Quantize with libllama's llama_model_quantize; returns what llama.cpp did (fallbacks included).
     `imatrix`: (an importance matrix under HF module names, the converter's gguf-py that maps them).
     `kv_overrides`: metadata to add to (or replace in) the output file, as llama-quantize's --override-kv does
     (see check_kv_overrides); with an imatrix, "quantize.imatrix.entries_count" is set to the number of
     tensors it weighted (imatrix_gguf.quantize_kv gives llama-quantize's other quantize.imatrix.* keys).
-    The result then has "kv_overrides": what was written."""
+    The result then has "kv_overrides": what was written. `tensor_types`: tensors to store in other types than
+    `gguf_type` gives them (where a pattern's type does not fit a tensor's rows, llama.cpp falls back, and the
+    result lists it among "fallbacks")."""
     start = log_path.stat().st_size if log_path.exists() else 0
     args = ["quantize", str(in_file), str(out_file), gguf_type, "--threads", str(threads or 0)]
     if imatrix is not None:
         args += ["--imatrix", str(imatrix[0]), "--gguf-py", str(imatrix[1])]
     if kv_overrides is not None:
         args += ["--kv-overrides", json.dumps(check_kv_overrides(kv_overrides), ensure_ascii=False)]
+    if tensor_types is not None:
+        args += tensor_types.worker_args()
     # one worker serves a build's quantizations: libllama frees all it allocates when llama_model_quantize returns,
     # and a process start is a fifth of quantizing a small model (0.19 of 0.93 s per type, SmolLM2-135M, 2 cores)
     result = _run_worker(args, log_path, out_file.with_suffix(".result.json"), served=True)

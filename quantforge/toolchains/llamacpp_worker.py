@@ -3,6 +3,8 @@
     python -m quantforge.toolchains.llamacpp_worker --result FILE quantize IN OUT TYPE [--threads N]
                                                                   [--imatrix NPZ --gguf-py DIR]
                                                                   [--kv-overrides JSON]
+                                                                  [--output-tensor-type T] [--token-embedding-type T]
+                                                                  [--tensor-type PATTERN=T ...]
     python -m quantforge.toolchains.llamacpp_worker --result FILE generate GGUF --prompt TEXT [--tokens N]
                                                                   [--threads N]
     python -m quantforge.toolchains.llamacpp_worker --result FILE evaluate GGUF --windows NPY --reference NPZ
@@ -40,6 +42,14 @@ def quantize(args: argparse.Namespace) -> dict[str, Any]:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, GGUF_TYPES[args.type])
     params.nthread = args.threads
+    # llama-quantize's --output-tensor-type, --token-embedding-type and --tensor-type, with the same precedence
+    if args.output_tensor_type:
+        params.output_tensor_type = ggml_type(args.output_tensor_type)
+    if args.token_embedding_type:
+        params.token_embedding_type = ggml_type(args.token_embedding_type)
+    rules = tensor_override_array(args.tensor_type)  # kept alive until quantization returns
+    if rules is not None:
+        params.tt_overrides = ctypes.cast(rules[0], ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     used: dict[str, Any] | None = None
     if args.imatrix:
         entries, used = imatrix_entries(args.imatrix, args.gguf_py, args.input)
@@ -77,6 +87,34 @@ def quantize(args: argparse.Namespace) -> dict[str, Any]:
 
 
 IMATRIX_ENTRIES_KEY = "quantize.imatrix.entries_count"
+GGML_TYPE_BF16 = 30  # ggml.h's enum value; llama_cpp exports the other types' but not this one
+
+
+def ggml_type(name: str) -> int:
+    """A ggml tensor type's enum value, by its name (Q8_0, q6_k, BF16)."""
+    import llama_cpp
+
+    value = GGML_TYPE_BF16 if name.upper() == "BF16" else getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
+    if not isinstance(value, int) or name.upper() == "COUNT":
+        raise ValueError(f"unknown ggml tensor type {name!r}")
+    return value
+
+
+def tensor_override_array(rules: list[str] | None) -> tuple[Any, list[bytes]] | None:
+    """["PATTERN=TYPE", ...] -> the C array llama_model_quantize_params.tt_overrides points at, ended by a NULL
+    pattern (as llama-quantize builds it), and the pattern buffers it points into. The type follows the last '='."""
+    if not rules:
+        return None
+    import llama_cpp
+
+    array = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()
+    patterns = []
+    for entry, rule in zip(array, rules, strict=False):
+        pattern, _, qtype = rule.rpartition("=")
+        patterns.append(pattern.encode())
+        entry.pattern, entry.type = patterns[-1], ggml_type(qtype)
+    array[len(rules)].pattern, array[len(rules)].type = None, llama_cpp.GGML_TYPE_COUNT
+    return array, patterns
 
 
 def kv_override_array(overrides: dict[str, Any]) -> Any:
@@ -215,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--imatrix", type=Path)
     q.add_argument("--gguf-py", type=Path)
     q.add_argument("--kv-overrides", type=json.loads, help="a JSON object {key: str | int | float | bool}")
+    q.add_argument("--output-tensor-type")
+    q.add_argument("--token-embedding-type")
+    q.add_argument("--tensor-type", action="append", help="PATTERN=TYPE, as llama-quantize takes it; repeatable")
     g, e = check_commands(sub, "gguf")
     for command in (g, e):
         command.add_argument("--threads", type=int, default=0)
