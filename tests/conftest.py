@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -23,6 +24,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if unmarked:
         raise pytest.UsageError("these tests build models but are not marked slow; add @pytest.mark.slow (or a "
                                 "module-level pytestmark):\n  " + "\n  ".join(unmarked))
+
+
+@pytest.fixture(autouse=True)
+def _environment():
+    """Each test gets the environment the session started with. A library imported in-process can set variables
+    for the whole process (gptqmodel, through tokenicer, points HF_HOME and HF_HUB_CACHE at /tmp when transformers
+    loads a GPTQ checkpoint), and every later test's subprocess would inherit them."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)
