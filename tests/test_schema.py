@@ -70,10 +70,8 @@ def test_type_names_in_any_case_are_accepted_as_quantforge_accepts_them(validato
     assert list(validator.iter_errors(yaml.safe_load(text))) == []
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(document=mutated_documents())
-def test_every_file_quantforge_accepts_the_schema_accepts(validator, tmp_path_factory, document):
-    """Editors must not flag a valid file: mutations of real files that still load pass the schema too."""
+def _accepted_by_both_if_loaded(validator, tmp_path_factory, document) -> None:
+    """A document quantforge loads must pass the schema too (one it refuses may or may not)."""
     path = tmp_path_factory.mktemp("schema") / "targets.yaml"
     path.write_text(yaml.safe_dump(document))
     try:
@@ -82,6 +80,13 @@ def test_every_file_quantforge_accepts_the_schema_accepts(validator, tmp_path_fa
         return
     errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(document)]
     assert errors == [], yaml.safe_dump(document)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(document=mutated_documents())
+def test_every_file_quantforge_accepts_the_schema_accepts(validator, tmp_path_factory, document):
+    """Editors must not flag a valid file: mutations of real files that still load pass the schema too."""
+    _accepted_by_both_if_loaded(validator, tmp_path_factory, document)
 
 
 def _leaves(node, path=()):
@@ -111,14 +116,7 @@ def retyped_documents(draw: st.DrawFn):
 @given(document=retyped_documents())
 def test_values_of_another_type_are_refused_by_both_or_by_neither(validator, tmp_path_factory, document):
     """The loader takes YAML's types as they are (strict), so the schema can say exactly what it accepts."""
-    path = tmp_path_factory.mktemp("schema") / "targets.yaml"
-    path.write_text(yaml.safe_dump(document))
-    try:
-        load_targets(path)
-    except ConfigError:
-        return
-    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(document)]
-    assert errors == [], yaml.safe_dump(document)
+    _accepted_by_both_if_loaded(validator, tmp_path_factory, document)
 
 
 def test_the_reference_page_is_generated_from_the_schema():

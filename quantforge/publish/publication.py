@@ -57,11 +57,10 @@ def publish_step(model: ModelTarget, fmt: str, publishable: list[Publishable], s
                  targets: Targets, extras: Sequence[Step] = (), uploads: Sequence[Step] = ()) -> Step:
     """extras: the format's steps whose files the repo holds once (PlannedFormat.extras); uploads: the artifacts'
     uploads to the Hub (upload.upload_steps), committed here: then only the artifacts' data is read."""
-    to = local_to = model.publish.to
+    to, where = model.publish.to, Destination()
     if (folder := model.publish.folder) is not None:
         # the key holds the folder as written (relative to the targets file); the run uses it resolved here
-        to, local_to = f"{DIR_PREFIX}{portable_path(folder)}", f"{DIR_PREFIX}{targets.resolve_path(folder)}"
-    where = Destination.parse(local_to)
+        to, where = f"{DIR_PREFIX}{portable_path(folder)}", Destination(targets.resolve_path(folder))
     inputs: dict[str, Step] = {}
     for item in publishable:
         inputs[f"artifact:{item.name}"] = item.artifact
