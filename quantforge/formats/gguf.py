@@ -35,24 +35,23 @@ from ..core.formats import (
 from ..core.registry import step_kind
 from ..core.staleness import moved
 from ..core.step import PlanContext, Step, StepContext, StepOutput
-from ..errors import BadInputError, VerificationError
+from ..errors import BadInputError, ToolchainError, VerificationError
 from ..gguf_types import DEFAULT_MAX_PPL_INCREASE_BY_TYPE
 from ..steps.evaluation import VERIFY_PROMPT, VERIFY_TOKENS, ScoringInputs
 from ..steps.gate import gate_step
 from ..store import sha256_file
 from ..toolchains import imatrix_gguf, llamacpp
 from ..toolchains.gguf_split import split_gguf
-from . import gguf_costs, gguf_recipes, gguf_release
+from . import gguf_allocation, gguf_costs, gguf_recipes, gguf_release
 from .gguf_card import CARD_TEMPLATE, render_gguf_card
 from .gguf_frontier import variant_gate
 from .gguf_imatrix import IMATRIX_FILE, imatrix_step
 from .gguf_recipes import Recipe
-from .gguf_release import IMATRIX_FILE_KIND, imatrix_file_name
+from .gguf_release import IMATRIX_FILE_KIND, INTERMEDIATE_FILE, imatrix_file_name
+from .gguf_search import sensitivity_step
 from .gguf_settings import GGUFSettings
 
 __all__ = ["CARD_TEMPLATE", "FORMAT", "GGUFSettings", "artifact_name", "plan", "render_gguf_card"]
-
-INTERMEDIATE_FILE = "intermediate.gguf"
 
 
 def artifact_name(model: str, gguf_type: str) -> str:
@@ -84,6 +83,10 @@ def plan(model: ModelTarget, target: GGUFSettings, source: Step, evaluation: Eva
         matrix_kv = (matrix_file.params["file"], dataset, calib.params["samples"])
         out.steps += [imatrix, matrix_file]
         out.extras.append(matrix_file)
+    sensitivity: Step | None = None  # one per model, for every searched variant (gguf_search.py)
+    if any(target.budget(t) for t in target.names()):
+        sensitivity = sensitivity_step(model, convert, calibration(), imatrix)
+        out.steps.append(sensitivity)
     made: dict[str, tuple[Step, Step, Step]] = {}  # type -> quantize, verify, evaluate
     for gguf_type in target.names():
         quantize_inputs = {"intermediate": convert}
@@ -92,8 +95,12 @@ def plan(model: ModelTarget, target: GGUFSettings, source: Step, evaluation: Eva
             quantize_inputs["imatrix"] = imatrix
         metadata = gguf_release.quantize_metadata(model, release, source, matrix_kv if weighted else None)
         params: dict[str, Any] = {"type": gguf_type, "file": artifact_name(model.name, gguf_type), "metadata": metadata}
-        recipe = target.recipe(gguf_type)
-        if recipe is not None:  # a stock type's parameters (and key) stay as they were
+        recipe, budget = target.recipe(gguf_type), target.budget(gguf_type)
+        if budget is not None and sensitivity is not None:  # the rules come from the search, at run time
+            params = {**params, "type": recipe.base if recipe else gguf_type, "budget": budget.to_params(),
+                      "variant": gguf_type}
+            quantize_inputs["sensitivity"] = sensitivity
+        elif recipe is not None:  # a stock type's parameters (and key) stay as they were
             params = {**params, "type": recipe.base, "recipe": recipe.to_params(),
                       "metadata": {**metadata, **recipe.metadata()}}
         quantize = Step(kind="gguf.quantize", label=f"{model.name}/gguf/{gguf_type}:quantize", params=params,
@@ -156,6 +163,11 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
     metadata = gguf_release.build_metadata(step.params["metadata"], step.tools["libllama"],
                                            ctx.inputs["intermediate"].data.get("converter"))
     recipe = Recipe.from_params(step.params["recipe"]) if "recipe" in step.params else None
+    search = None
+    if "budget" in step.params:  # a searched variant: the rules that fit its budget best (gguf_allocation.py)
+        recipe, search = gguf_allocation.search(step.params["variant"], step.params["type"],
+                                                ctx.inputs["sensitivity"].data, step.params["budget"])
+        metadata = {**metadata, **recipe.metadata()}
     tensors = gguf_recipes.quantized_tensors(intermediate) if recipe else []
     if recipe is not None:  # before quantizing: a pattern that fits no tensor of this model is the user's to fix
         gguf_recipes.check_tensors(recipe, tensors, f"{step.model}: formats.gguf.variants.{recipe.name}")
@@ -167,6 +179,12 @@ def run_quantize(step: Step, ctx: StepContext) -> dict[str, Any]:
         result["imatrix"]["calibration"] = ctx.inputs["imatrix"].data.get("calibration")
     if recipe is not None:  # what each rule set, read back from the file
         result["recipe"] = gguf_recipes.applied(recipe, tensors, info["tensor_types"], result["fallbacks"])
+    if search is not None:
+        size = out_file.stat().st_size
+        if size > search["limit_bytes"]:  # the allocation counts every byte: a miss is a bug, never published
+            raise ToolchainError(f"{out_file.name}: the searched mix takes {size} bytes, over its budget of "
+                                 f"{search['limit_bytes']}")
+        result["recipe"]["search"] = search
     return {
         **({"recipe": result["recipe"]} if recipe else {}),
         "imatrix": result.get("imatrix"),

@@ -151,6 +151,18 @@ def _imatrix_file(out: StepOutput) -> dict[str, Any]:
             "calibration": f"`{d['dataset']}`, {d['chunks']} chunks of {d['chunk_size']} tokens"}
 
 
+def search_line(search: dict[str, Any] | None) -> str | None:
+    """How a searched variant's types were chosen, in a sentence (gguf_allocation.py)."""
+    if not search:
+        return None
+    budget = search["budget"]
+    within = f"{budget['bpw']:g} bits per weight" if "bpw" in budget else format_size(budget["size"])
+    return (f"Types searched within {within}: {search['groups']} groups of tensors (a kind of tensor in a band of "
+            f"layers), each quantized alone and measured against the full-precision file on calibration windows "
+            f"(never the evaluation's), {search['runs']} quantize+evaluate runs in {search['search_seconds']:g} s; "
+            "then the mix with the least predicted KL divergence that fits.")
+
+
 def variant_rows(repo_id: str, model: str, artifacts: dict[str, tuple[StepOutput, StepOutput]],
                  imatrix_file: str | None) -> list[dict[str, Any]]:
     """One entry per variant: its recipe, what each rule set, how it compares with the stock frontier (its
@@ -180,5 +192,6 @@ def variant_rows(repo_id: str, model: str, artifacts: dict[str, tuple[StepOutput
             "command": recipe.command(f"{model}-F16.gguf", quant.data["file"],
                                       imatrix_file if quant.data.get("imatrix") else None),
             "tag": f"{repo_id}:{name}",
+            "search": search_line(applied.get("search")),
         })
     return out

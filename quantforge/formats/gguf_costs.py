@@ -64,3 +64,21 @@ VERIFY = Estimates(seconds=lambda step, size, cores, gpu: output_bytes(step.inpu
 EVALUATE = Estimates(seconds=lambda step, size, cores, gpu:
                      size.params * step_tokens(step) / (LLAMA_EVAL_RATE * compute_cores(cores, gpu)))
 IMATRIX = Estimates(memory=torch_pass_memory, seconds=torch_pass_seconds)
+
+
+def _search_runs(step: Step, size: SourceSize) -> int:
+    """A search's quantize+evaluate runs: two per tensor group (7 kinds of layer tensor in each depth band, the
+    output, the embeddings) and the baseline; the model's own count is known only once it is converted."""
+    return step.params["probes"] * (7 * step.params["bands"] + 2) + 1
+
+
+def _search_seconds(step: Step, size: SourceSize, cores: int, gpu: bool) -> float:
+    tokens = step.params["windows"] * step.inputs["calibration"].params["seq_len"]
+    evaluate = size.params * tokens / (LLAMA_EVAL_RATE * compute_cores(cores, gpu))
+    quantize = size.params / (QUANTIZE_RATE * cores)
+    return (_search_runs(step, size) + 1) * evaluate + _search_runs(step, size) * quantize
+
+
+# each probe file (Q8_0) is written, measured and overwritten by the next
+SENSITIVITY = Estimates(memory=_quantize_memory, scratch_bytes=lambda step, size: int(size.params * 8.5 / 8),
+                        seconds=_search_seconds)

@@ -28,6 +28,7 @@ from .gguf_chart import CHART_FILE, render_chart
 from .gguf_frontier import published_points
 
 IMATRIX_FILE_KIND = "gguf.imatrix_file"
+INTERMEDIATE_FILE = "intermediate.gguf"  # the converter's full-precision output every type is quantized from
 OLLAMA_PARAMS_FILE = "params"  # Ollama reads a repo's `params` (JSON) when it runs hf.co/<repo>
 # generation_config.json's sampling fields -> Ollama's parameter names (its Modelfile PARAMETERs)
 OLLAMA_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",

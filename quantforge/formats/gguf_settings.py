@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from ..config.schema import FormatSettings
+from ..figures import format_size, parse_size
 from ..gguf_types import GGUF_TYPES, IMATRIX_UNUSED, INTERMEDIATE_TYPES, NEEDS_IMATRIX
 from .gguf_recipes import BUILTIN_VARIANTS, KV_MAX, MAX_NAME, TAG_RE, TENSOR_TYPES, UNQUANTIZED, Recipe, needs_imatrix
 
@@ -66,6 +67,18 @@ BaseType = Annotated[str, BeforeValidator(upper_name), AfterValidator(_file_type
                      WithJsonSchema(names_schema(GGUF_TYPES))]
 
 
+def _size(value: str | int | None) -> str | int | None:
+    if value is None:
+        return None
+    try:
+        size = parse_size(value)
+    except ValueError:
+        raise ValueError(f"{value!r}: expected a size such as 4.2GB, 4200MB or a byte count") from None
+    if size < 10**6:
+        raise ValueError(f"{value!r}: at least 1MB (a GGUF file below that holds no model worth a search)")
+    return value
+
+
 def check_variant_name(name: str) -> str:
     """A declared variant's name: a tag Ollama and LM Studio can ask for, not a stock or builtin type's."""
     if name in GGUF_TYPES:
@@ -80,12 +93,40 @@ def check_variant_name(name: str) -> str:
     return name
 
 
-class VariantSettings(BaseModel):
-    """`formats.gguf.variants.NAME`: a stock type with some tensors stored in other types."""
+class Budget(BaseModel):
+    """`formats.gguf.variants.NAME.budget`: the file a search may make, by bits per weight or by size."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    base: BaseType = Field(description="The stock type every other tensor follows (Q4_K_M, …).")
+    bpw: float | None = Field(None, ge=3.5, le=8.5, description="Bits per weight of the whole file (its size x 8 / "
+                              "the model's parameters, as llama.cpp prints it), e.g. 4.5.")
+    size: Annotated[str | int | None, AfterValidator(_size)] = Field(
+        None, description="The file's size, e.g. 4.2GB or 4200MB (1 GB = 10^9 bytes), or a byte count.")
+
+    @model_validator(mode="after")
+    def _one(self) -> Budget:
+        if (self.bpw is None) == (self.size is None):
+            raise ValueError("give one of bpw (bits per weight, e.g. 4.5) or size (e.g. 4.2GB)")
+        return self
+
+    def to_params(self) -> dict[str, float | int]:
+        return {"bpw": self.bpw} if self.bpw is not None else {"size": parse_size(self.size or 0)}
+
+    def describe(self) -> str:
+        return f"{self.bpw:g} bits per weight" if self.bpw is not None else format_size(parse_size(self.size or 0))
+
+
+class VariantSettings(BaseModel):
+    """`formats.gguf.variants.NAME`: a stock type with some tensors stored in other types, or a budget for a search
+    to choose every tensor's type in."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    base: BaseType | None = Field(None, description="The stock type every other tensor follows (Q4_K_M, …); with a "
+                                  "budget, the file type the file is labelled with (default: from the name, Q4_K_M "
+                                  "for Q4_K_…).")
+    budget: Budget | None = Field(None, description="Instead of rules: the size the file may have; a search chooses "
+                                  "every tensor's type to lose the least to the source within it (docs/recipes.md).")
     output: TensorType | None = Field(None, description="The type of the output head, output.weight "
                                       "(llama-quantize --output-tensor-type; with tied embeddings, the embeddings).")
     embeddings: TensorType | None = Field(None, description="The type of the token embeddings, token_embd.weight "
@@ -122,6 +163,13 @@ class VariantSettings(BaseModel):
 
     @model_validator(mode="after")
     def _changes_something(self) -> VariantSettings:
+        if self.budget is not None:
+            if self.output or self.embeddings or self.tensors:
+                raise ValueError("budget: a search chooses every tensor's type; leave out output, embeddings and "
+                                 "tensors (or drop the budget)")
+            return self
+        if self.base is None:
+            raise ValueError("base: the stock type the variant is built on is missing (e.g. base: Q4_K_M)")
         if not (self.output or self.embeddings or self.tensors):
             raise ValueError(f"sets no tensor type: it would be {self.base} itself; give output, embeddings or "
                              "tensors")
@@ -131,7 +179,27 @@ class VariantSettings(BaseModel):
         return self
 
     def recipe(self, name: str) -> Recipe:
-        return Recipe(name, self.base, self.output, self.embeddings, tuple(self.tensors.items()))
+        """The rules; for a budget, the base type alone (the search's step supplies the rules)."""
+        return Recipe(name, self.base or searched_base(name) or "", self.output, self.embeddings,
+                      tuple(self.tensors.items()))
+
+
+# the stock mix a searched variant named after a K tensor type is labelled with (Q4_K_X: Q4_K_M)
+_K_MIXES = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K"}
+
+
+def searched_base(name: str) -> str | None:
+    """The file type a searched variant is labelled with when it names none, from the tensor type its name starts
+    with; None when that is no quantized file type."""
+    head = max((t for t in TENSOR_TYPES if name.startswith(t)), key=len, default=None)
+    base = _K_MIXES.get(head or "", head)
+    return base if base in GGUF_TYPES and base not in UNQUANTIZED else None
+
+
+def _check_budget_base(name: str, settings: VariantSettings) -> None:
+    if settings.budget is not None and settings.base is None and searched_base(name) is None:
+        raise ValueError(f"{name}: say which file type it is labelled with (base: Q4_K_M, …): its name starts with no "
+                         "quantized type")
 
 
 VariantName = Annotated[str, AfterValidator(check_variant_name)]
@@ -205,8 +273,19 @@ class GGUFSettings(FormatSettings):
         """What to make: the types, then the declared variants."""
         return [*self.types, *self.variants]
 
+    @model_validator(mode="after")
+    def _budget_bases(self) -> GGUFSettings:
+        for name, variant in self.variants.items():
+            _check_budget_base(name, variant)
+        return self
+
+    def budget(self, name: str) -> Budget | None:
+        """A searched variant's budget; None for every other type."""
+        variant = self.variants.get(name)
+        return variant.budget if variant is not None else None
+
     def recipe(self, name: str) -> Recipe | None:
-        """A variant's recipe (declared, or builtin); None for a stock type."""
+        """A variant's recipe (declared, or builtin; a searched one's base alone); None for a stock type."""
         if name in self.variants:
             return self.variants[name].recipe(name)
         return BUILTIN_VARIANTS.get(name)

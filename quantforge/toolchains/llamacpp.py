@@ -353,6 +353,18 @@ def evaluate(gguf_file: Path, windows: Path, reference: Path, sample: Path | Non
     return result
 
 
+def probe(gguf_file: Path, windows: Path, log_path: Path, scratch: Path, threads: int | None = None, *,
+          reference: Path | None = None, write_reference: Path | None = None) -> dict[str, Any]:
+    """A search's measurement, by a served worker (a search makes dozens): the mean KL divergence of `gguf_file`
+    from `reference` on `windows`, unrounded; or, with `write_reference`, that file's own distribution saved."""
+    args = ["probe", str(gguf_file), "--windows", str(windows), "--threads", str(threads or 0)]
+    args += ["--write-reference", str(write_reference)] if write_reference else ["--reference", str(reference)]
+    result = _run_worker(args, log_path, scratch / "probe.result.json", served=True)
+    if not result.pop("ok", False):
+        raise VerificationError(f"llama.cpp could not evaluate {gguf_file.name}: {result.get('error', 'unknown')}")
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- reading GGUF
 
 def describe_gguf(path: Path) -> dict[str, Any]:

@@ -9,6 +9,8 @@
                                                                   [--threads N]
     python -m quantforge.toolchains.llamacpp_worker --result FILE evaluate GGUF --windows NPY --reference NPZ
                                                                   [--sample JSON] [--threads N]
+    python -m quantforge.toolchains.llamacpp_worker --result FILE probe GGUF --windows NPY
+                                                                  (--reference NPZ | --write-reference NPZ)
 
 libllama logs to this process's stderr, which the parent points at the step's log file. The outcome is written
 as JSON to --result, so the parent never parses free text for success.
@@ -239,7 +241,40 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-COMMANDS = {"quantize": quantize, "generate": generate, "evaluate": evaluate}
+def probe(args: argparse.Namespace) -> dict[str, Any]:
+    """A search's measurement: the GGUF's mean KL divergence from `--reference` on the windows, unrounded (a
+    probe's difference from the baseline may be 1e-7); with `--write-reference`, save the GGUF's own distribution
+    there instead (the search's reference is the full-precision GGUF)."""
+    from llama_cpp import Llama
+
+    from quantforge import metrics
+
+    windows = np.load(args.windows)
+    ctx = int(windows.shape[1])
+    threads = args.threads or os.cpu_count()
+    llm = Llama(model_path=str(args.gguf), n_ctx=ctx, n_batch=min(ctx, 512), n_ubatch=min(ctx, 512),
+                logits_all=True, n_threads=threads, n_threads_batch=threads, n_gpu_layers=GPU_LAYERS, verbose=True)
+    started = time.perf_counter()
+    if args.write_reference:
+        parts = []
+        for window in windows:
+            llm.reset()
+            llm.eval(window.tolist())
+            parts.append(metrics.score_window(llm.scores[:ctx], window))
+        metrics.concat(parts).save(args.write_reference)
+        return {"ok": True, "seconds": round(time.perf_counter() - started, 3)}
+    reference = metrics.Reference.load(args.reference)
+    comparison = metrics.Comparison([], [], [])
+    for window in windows:
+        llm.reset()
+        llm.eval(window.tolist())
+        comparison.add_window(llm.scores[:ctx], window, reference)
+    kld = np.concatenate(comparison.kld)
+    return {"ok": True, "kld_mean": float(kld.mean()), "positions": int(kld.size),
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+COMMANDS = {"quantize": quantize, "generate": generate, "evaluate": evaluate, "probe": probe}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,8 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--output-tensor-type")
     q.add_argument("--token-embedding-type")
     q.add_argument("--tensor-type", action="append", help="PATTERN=TYPE, as llama-quantize takes it; repeatable")
+    p = sub.add_parser("probe")
+    p.add_argument("gguf", type=Path)
+    p.add_argument("--windows", type=Path, required=True)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--reference", type=Path)
+    target.add_argument("--write-reference", type=Path)
     g, e = check_commands(sub, "gguf")
-    for command in (g, e):
+    for command in (g, e, p):
         command.add_argument("--threads", type=int, default=0)
     return serve(parser, COMMANDS, argv)
 
