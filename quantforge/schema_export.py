@@ -96,9 +96,13 @@ def reference_markdown() -> str:
         ref = _ref_name(formats[name])
         sections.append((ref, f"formats.{name}", None))
         # a map of blocks (names of the user's own, each a block of keys) gets its own table after its format's
-        sections += [(_ref_name(prop["additionalProperties"]), f"formats.{name}.{key}.NAME", None)
-                     for key, prop in defs[ref]["properties"].items()
-                     if isinstance(prop.get("additionalProperties"), dict) and _ref_name(prop["additionalProperties"])]
+        blocks = [(_ref_name(prop["additionalProperties"]), f"formats.{name}.{key}.NAME", None)
+                  for key, prop in defs[ref]["properties"].items()
+                  if isinstance(prop.get("additionalProperties"), dict) and _ref_name(prop["additionalProperties"])]
+        for block, heading, note in blocks:  # and a block inside such a block after it (variants.NAME.budget)
+            sections += [(block, heading, note)] + [(_ref_name(prop), f"{heading}.{key}", None)
+                                                    for key, prop in defs[block]["properties"].items()
+                                                    if "properties" in defs.get(_ref_name(prop), {})]
     anchors = {ref: (heading, _anchor(heading)) for ref, heading, _ in sections}
     anchors["ModelTarget"] = ("models", _anchor("A model"))
     anchors["ModelSettings"] = ("model settings", _anchor("A model"))
