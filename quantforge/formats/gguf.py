@@ -85,7 +85,7 @@ def plan(model: ModelTarget, target: GGUFSettings, source: Step, evaluation: Eva
         out.extras.append(matrix_file)
     sensitivity: Step | None = None  # one per model, for every searched variant (gguf_search.py)
     if any(target.budget(t) for t in target.names()):
-        sensitivity = sensitivity_step(model, convert, calibration(), imatrix)
+        sensitivity = sensitivity_step(model, convert, calibration(), imatrix, libllama)
         out.steps.append(sensitivity)
     made: dict[str, tuple[Step, Step, Step]] = {}  # type -> quantize, verify, evaluate
     for gguf_type in target.names():

@@ -153,14 +153,15 @@ def layer_patterns(role: str, layers: Sequence[int]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- the step
 
-def sensitivity_step(model: ModelTarget, convert: Step, calibration: Step, imatrix: Step | None) -> Step:
+def sensitivity_step(model: ModelTarget, convert: Step, calibration: Step, imatrix: Step | None,
+                     libllama: str) -> Step:
     inputs = {"intermediate": convert, "calibration": calibration}
     if imatrix is not None:
         inputs["imatrix"] = imatrix
     return Step(SENSITIVITY_KIND, f"{model.name}/gguf:sensitivity",
                 params={"bands": BANDS, "windows": WINDOWS, "probes": PROBES, "baseline": BASELINE,
                         "ladders": [list(K_LADDER), list(ROW32_LADDER)], "reference": "intermediate"},
-                inputs=inputs, tools=dict(convert.tools), model=model.name, fmt="gguf")
+                inputs=inputs, tools={"libllama": libllama}, model=model.name, fmt="gguf")
 
 
 @step_kind(SENSITIVITY_KIND, version="1", estimates=gguf_costs.SENSITIVITY)
