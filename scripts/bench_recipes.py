@@ -90,7 +90,7 @@ def main() -> int:
     work = args.work_dir / "work"
     targets.write_text(targets_text(source, text, STOCK + BUILTIN_L, {}, args.ctx, args.chunks))
     first, first_wall = build(targets, work)
-    sizes = {s["qtype"]: s["data"]["size"] for s in first["steps"] if s["kind"] == "gguf.quantize"}
+    sizes = {s["type"]: s["data"]["size"] for s in first["steps"] if s["kind"] == "gguf.quantize"}
     targets.write_text(targets_text(source, text, STOCK + BUILTIN_L, {n: sizes[b] for n, b in SEARCHED.items()},
                                     args.ctx, args.chunks))
     second, second_wall = build(targets, work)

@@ -203,9 +203,10 @@ def test_the_fast_tier_lints_then_leaves_the_slow_tests_out(stand):
     fast = stand.run("--fast", "tests/test_plan.py", "-x", script="test.sh")
     assert fast.returncode == 0, fast.stderr
     assert stand.runs.read_text().splitlines() == ["ruff check quantforge tests scripts",
-                                                   "pytest -m not slow tests/test_plan.py -x"]
+                                                   "pytest -n 2 --dist loadfile -m not slow tests/test_plan.py -x"]
     stand.runs.unlink()
     full = stand.run(script="test.sh")
     assert full.returncode == 0, full.stderr
-    assert stand.runs.read_text().splitlines() == ["ruff check quantforge tests scripts", "pytest "]  # no -m
+    assert stand.runs.read_text().splitlines() == ["ruff check quantforge tests scripts",
+                                                   "pytest -n 2 --dist loadfile"]  # no -m
     assert len(stand.pip_calls()) == 2  # both found the environment up to date
