@@ -21,7 +21,7 @@ from .toolchains.hub_protocol import upload_protocol
 from .toolchains.memory import host_memory
 
 _PACKAGES = ("llama-cpp-python", "torch", "transformers", "gptqmodel", "optimum", "huggingface_hub", "hf_xet",
-             "gguf", "safetensors", "sentencepiece", "psutil")
+             "gguf", "safetensors", "sentencepiece", "psutil", "mlx", "mlx-lm", "compressed-tensors", "matplotlib")
 # libllama in its own process: a broken build must not take doctor down with it
 _LIBLLAMA_PROBE = ("import json, llama_cpp; print(json.dumps({'system': llama_cpp.llama_print_system_info().decode()"
                    ".strip(), 'gpu_offload': bool(llama_cpp.llama_supports_gpu_offload())}))")
