@@ -15,13 +15,16 @@ from typing import Any
 from . import __version__
 from .errors import ToolchainError
 from .figures import format_size
+from .pipeline import KEY_TOOLS
 from .toolchains import llamacpp
 from .toolchains.device import nvidia_driver_present
 from .toolchains.hub_protocol import upload_protocol
 from .toolchains.memory import host_memory
 
-_PACKAGES = ("llama-cpp-python", "torch", "transformers", "gptqmodel", "optimum", "huggingface_hub", "hf_xet",
-             "gguf", "safetensors", "sentencepiece", "psutil", "mlx", "mlx-lm", "compressed-tensors", "matplotlib")
+# and every format's key tools (pipeline.KEY_TOOLS: llama-cpp-python, GPTQModel, compressed-tensors, mlx-lm, …)
+_PACKAGES = tuple(dict.fromkeys(("llama-cpp-python", "torch", "transformers", *KEY_TOOLS, "optimum",
+                                 "huggingface_hub", "hf_xet", "gguf", "safetensors", "sentencepiece", "psutil",
+                                 "matplotlib")))
 # libllama in its own process: a broken build must not take doctor down with it
 _LIBLLAMA_PROBE = ("import json, llama_cpp; print(json.dumps({'system': llama_cpp.llama_print_system_info().decode()"
                    ".strip(), 'gpu_offload': bool(llama_cpp.llama_supports_gpu_offload())}))")
