@@ -562,6 +562,7 @@ def test_a_group_size_above_the_models_hidden_size_is_refused_at_plan(write_targ
 
 @pytest.mark.parametrize(("gate", "ok"), [
     ("max_ppl_increase: {gguf: 1.0e+300}", False), ("max_ppl_increase: {gguf: 10.5}", False),
+    ("max_ppl_increase: {gguf: 1e300}", False),  # YAML 1.1 reads 1e300 as text: we read it as the number it is
     ("max_kld: {gguf/Q8_0: 11}", False), ("max_ppl_increase: {gptq: 1.0e+19}", False),
     ("max_ppl_increase: {gguf: 10}", True), ("max_kld: {gguf: 10}", True), ("max_ppl_increase: {gguf: 0}", True),
 ])
@@ -573,6 +574,11 @@ def test_gates_stay_within_what_a_real_artifact_can_mean(write_targets, gate, ok
     issue = one_issue(path)
     assert issue.line == 5 and issue.key_path.startswith("models[0].evaluation.max_"), str(issue)
     assert "is more than 10" in issue.message and "--no-gate" in issue.message
+
+
+def test_a_number_in_scientific_notation_is_a_number(write_targets):
+    path = write_targets(f"{MODEL}    evaluation: {{max_kld: {{gguf: 1e-3, gguf/Q8_0: 5E-4}}}}\n")
+    assert load_targets(path).models[0].evaluation.max_kld == {"gguf": 0.001, "gguf/Q8_0": 0.0005}
 
 
 @pytest.mark.parametrize(("option", "value"), [("--max-ppl-increase", "1e300"), ("--max-ppl-increase", "nan"),

@@ -11,6 +11,7 @@ cycles. Everything downstream then walks at most MAX_VALUES values, at most MAX_
 from __future__ import annotations
 
 import codecs
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,12 @@ class _Guarded(Composer, SafeConstructor, Resolver):
         except (ValueError, OverflowError, TypeError) as exc:
             # e.g. a date that does not exist (2024-02-30) or an integer with too many digits
             raise ConstructorError(None, None, f"cannot read {short(node.value)}: {exc}", node.start_mark) from None
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string: only 1.0e-3 is a float there. YAML 1.2, and anyone writing a gate,
+# means a number
+_Guarded.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                               list("-+0123456789"))
 
 
 class _PyLoader(_Guarded, Reader, Scanner, Parser):
