@@ -71,6 +71,19 @@ def test_a_header_that_lies_about_its_lengths_is_refused_where_it_lies(tmp_path,
     assert f"corrupt GGUF header at offset {offset}: " in str(info.value) and what in str(info.value), info.value
 
 
+def test_a_file_cut_inside_its_tensor_data_is_refused_as_truncated(tmp_path):
+    # one F32 tensor of 8 elements at offset 0: its 32 bytes must follow the header (data aligned to 32)
+    header = _gguf(Q(1), Q(0), _string("w"), I(1), Q(8), I(0), Q(0))
+    start = -(-len(header) // 32) * 32
+    whole = header + bytes(start - len(header)) + bytes(32)
+    (tmp_path / "whole.gguf").write_bytes(whole)
+    assert read_header(tmp_path / "whole.gguf").tensors[0].n_elements == 8
+    (tmp_path / "cut.gguf").write_bytes(whole[:-1])
+    with pytest.raises(CorruptGGUF, match=rf"cut.gguf: truncated GGUF: tensor 'w' ends at byte {start + 32}, past "
+                                          rf"the end of the file \({start + 31} bytes\)"):
+        read_header(tmp_path / "cut.gguf")
+
+
 # ------------------------------------------------------------------------------------------------ eval
 
 def _hostile(tmp_path: Path, kind: str) -> Path:

@@ -148,4 +148,19 @@ def read_header(path: Path) -> GGUFHeader:
         if not isinstance(alignment, int) or alignment <= 0:
             raise r.fail(0, f"general.alignment is {alignment!r}")
         data_start = -(-f.tell() // alignment) * alignment
+        _check_data_fits(tensors, data_start, r.size, path)
     return GGUFHeader(metadata, tensors, data_start)
+
+
+def _check_data_fits(tensors: list[TensorInfo], data_start: int, size: int, path: Path) -> None:
+    """A file cut short (a copy or download that stopped) is refused here, not when llama.cpp fails to load it."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    for t in tensors:
+        if t.type_name not in GGMLQuantizationType.__members__:
+            continue
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[t.type_name]]
+        end = data_start + t.offset + t.n_elements // block * type_size
+        if end > size:
+            raise CorruptGGUF(f"{path.name}: truncated GGUF: tensor {t.name!r} ends at byte {end}, past the end of the "
+                              f"file ({size} bytes)")
