@@ -1,0 +1,275 @@
+"""`builtin:mix`: the default calibration text, assembled from license-clean text that ships inside packages
+quantforge installs (no download at build time).
+
+    english    English prose: programmers' one-liners (pyjokes, BSD-3-Clause) and the English excerpt of the
+               Universal Declaration of Human Rights (gflanguages, Apache-2.0)
+    languages  the Declaration's excerpts in the most-spoken languages gflanguages has a sample text for, English
+               aside: Latin, Cyrillic, Han, Kana, Hangul, Arabic, Devanagari, Bengali, Tamil, Thai, Ethiopic...
+    code       source files of Python, C, C++, JavaScript and Fortran from numpy, torch, rich and matplotlib
+    chat       conversations (jokes in twelve languages, the Declaration in further languages), rendered through
+               the source model's chat template when it has one (steps/calibration.py), else as plain turns
+
+Why a mix: an importance matrix (and GPTQ/AWQ) weights each column by the activations the calibration text causes,
+so a text of one domain tunes the model to that domain; llama.cpp's uploaders calibrate on mixed text. The parts
+are interleaved block by block, each spread evenly over the text, so that any stretch of it (calibration windows
+come from its end) holds every part in its share.
+
+The evaluation default (`builtin`: Python's documentation topics) is none of these domains.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+MIX_NAME = "mix"
+LANGUAGES_IN_TEXT = 40  # the `languages` part: this many, by speakers
+LANGUAGES_IN_CHAT = 24  # the `chat` part's Declaration quotes: the next this many
+BLOCK_CHARS = 3000  # code files are cut into blocks of about this size, at blank lines
+SEPARATOR = "\n\n"
+
+# (distribution, license as the package declares it)
+LICENSES = {"gflanguages": "Apache-2.0", "pyjokes": "BSD-3-Clause", "numpy": "BSD-3-Clause",
+            "torch": "BSD-3-Clause", "rich": "MIT", "matplotlib": "Matplotlib license (PSF-based, permissive)"}
+# the UDHR's own terms: the OHCHR lets anyone reproduce and translate it freely
+UDHR_NOTE = "text of the UDHR, which the OHCHR lets anyone reproduce"
+
+# code: (language, distribution, candidate paths inside it (the first found is used), at most this many characters)
+CODE_FILES: tuple[tuple[str, str, tuple[str, ...], int], ...] = (
+    ("Python", "rich", ("rich/table.py",), 30000),
+    ("C", "numpy", ("numpy/_core/include/numpy/npy_math.h", "numpy/core/include/numpy/npy_math.h"), 16000),
+    ("C", "numpy", ("numpy/_core/include/numpy/npy_common.h", "numpy/core/include/numpy/npy_common.h"), 14000),
+    ("C++", "torch", ("torch/include/c10/util/string_view.h",), 16000),
+    ("C++", "torch", ("torch/include/c10/core/ScalarType.h",), 10000),
+    ("C++", "torch", ("torch/include/c10/util/irange.h",), 4000),
+    ("JavaScript", "matplotlib", ("matplotlib/backends/web_backend/js/mpl.js",), 20000),
+)
+FORTRAN_DIR = ("numpy", "numpy/f2py/tests/src", 12000)  # every .f90 under it, in path order, up to this many
+
+JOKE_LANGUAGES = {"cs": "Czech", "de": "German", "es": "Spanish", "eu": "Basque", "fr": "French", "gl": "Galician",
+                  "hu": "Hungarian", "it": "Italian", "lt": "Lithuanian", "pl": "Polish", "ru": "Russian",
+                  "sv": "Swedish"}
+
+
+@dataclass(frozen=True)
+class Origin:
+    """A package some of a part's text comes from."""
+
+    package: str
+    version: str
+    license: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"package": self.package, "version": self.version, "license": self.license}
+
+
+@dataclass(frozen=True)
+class Block:
+    """One stretch of the mix: plain text, or (the chat part) a conversation whose `text` is its plain rendering."""
+
+    part: str
+    text: str
+    messages: tuple[tuple[str, str], ...] = ()  # (role, content), for the chat template
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    name: str
+    description: str
+    origins: tuple[Origin, ...]
+    contents: tuple[str, ...] = ()  # e.g. the programming languages or natural languages it holds
+
+
+@dataclass(frozen=True)
+class Mix:
+    blocks: tuple[Block, ...]
+    parts: tuple[PartInfo, ...]
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def conversations(self) -> list[list[dict[str, str]]]:
+        """The chat blocks' conversations, in order, as chat templates take them."""
+        return [[{"role": r, "content": c} for r, c in b.messages] for b in self.blocks if b.messages]
+
+    def texts(self, rendered: Sequence[str] | None = None) -> list[str]:
+        """Each block's text; `rendered`: the conversations through a chat template, in order (None: plain)."""
+        chats = iter(rendered) if rendered is not None else None
+        out = [next(chats) if (chats is not None and b.messages) else b.text for b in self.blocks]
+        return [t + SEPARATOR if i < len(out) - 1 else t for i, t in enumerate(out)]
+
+    def text(self, rendered: Sequence[str] | None = None) -> str:
+        return "".join(self.texts(rendered))
+
+
+def _origin(dist: str) -> Origin:
+    try:
+        version = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        raise BadInputError(f"builtin:{MIX_NAME} reads text from the `{dist}` package, which is not installed: "
+                            "install quantforge's dependencies (scripts/bootstrap.sh)") from None
+    return Origin(dist, version, LICENSES[dist])
+
+
+def _locate(dist: str, candidates: Sequence[str]) -> Path | None:
+    for rel in candidates:
+        path = Path(str(importlib.metadata.distribution(dist).locate_file(rel)))
+        if path.is_file():
+            return path
+    return None
+
+
+def _cut(text: str, limit: int) -> list[str]:
+    """`text` (at most `limit` characters of it, ending at a line) in blocks of about BLOCK_CHARS, at blank lines
+    where there are some."""
+    text = text[:limit]
+    if len(text) == limit and "\n" in text:
+        text = text[:text.rindex("\n")]
+    blocks, current = [], ""
+    for para in text.split("\n\n"):
+        if current and len(current) + len(para) > BLOCK_CHARS:
+            blocks.append(current)
+            current = ""
+        current = f"{current}\n\n{para}" if current else para
+    if current.strip():
+        blocks.append(current)
+    return [b.strip("\n") for b in blocks if b.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ the parts
+
+def _declarations() -> list[tuple[str, str, str]]:
+    """(id, name, text) of each language with a sample text in gflanguages, most speakers first; the text is the
+    sample's paragraphs (Declaration excerpts), each once."""
+    import gflanguages
+
+    out = []
+    for lang in gflanguages.LoadLanguages().values():
+        sample = lang.sample_text
+        paras: list[str] = []
+        for f in ("specimen_16", "specimen_21", "specimen_32", "specimen_36", "specimen_48", "tester"):
+            for para in getattr(sample, f).split("\n"):
+                para = para.strip()
+                if para and not any(para in kept for kept in paras):
+                    paras.append(para)
+        if sum(map(len, paras)) >= 400:  # a full sample, not a few words
+            out.append((-lang.population, lang.id, lang.name, "\n".join(paras)))
+    out.sort()
+    return [(lid, name, text) for _, lid, name, text in out]
+
+
+def _english(declarations: list[tuple[str, str, str]]) -> tuple[list[Block], PartInfo]:
+    from pyjokes import get_jokes
+
+    jokes = get_jokes("en", "all")
+    blocks = [Block("english", "\n".join(jokes[i:i + 12])) for i in range(0, len(jokes), 12)]
+    blocks += [Block("english", text) for lid, _, text in declarations if lid == "en_Latn"]
+    return blocks, PartInfo("english", "English prose: programmers' one-liners and the UDHR's English excerpt",
+                            (_origin("pyjokes"), _origin("gflanguages")), ("English",))
+
+
+def _languages(declarations: list[tuple[str, str, str]]) -> tuple[list[Block], PartInfo]:
+    chosen = [d for d in declarations if d[0] != "en_Latn"][:LANGUAGES_IN_TEXT]
+    return ([Block("languages", text) for _, _, text in chosen],
+            PartInfo("languages", f"the UDHR's excerpts in the {len(chosen)} most-spoken languages (English aside) "
+                     "that gflanguages has a sample text for", (_origin("gflanguages"),),
+                     tuple(lid for lid, _, _ in chosen)))
+
+
+def _code() -> tuple[list[Block], PartInfo]:
+    blocks: list[Block] = []
+    used: dict[str, None] = {}
+    dists: dict[str, None] = {}
+    for language, dist, candidates, limit in CODE_FILES:
+        path = _locate(dist, candidates)
+        if path is None:  # another version of the package moved it: the record says what was used
+            log.warning("builtin:%s: %s has none of %s; leaving it out", MIX_NAME, dist, ", ".join(candidates))
+            continue
+        blocks += [Block("code", b) for b in _cut(path.read_text(encoding="utf-8"), limit)]
+        used[language] = None
+        dists[dist] = None
+    dist, folder, limit = FORTRAN_DIR
+    root = Path(str(importlib.metadata.distribution(dist).locate_file(folder)))
+    fortran = "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip()
+                          for p in sorted(root.rglob("*.f90")))
+    if fortran:
+        blocks += [Block("code", b) for b in _cut(fortran, limit)]
+        used["Fortran"] = None
+        dists[dist] = None
+    if not blocks:
+        raise BadInputError(f"builtin:{MIX_NAME}: none of its source files is installed (numpy, torch, rich, "
+                            "matplotlib): reinstall quantforge's dependencies")
+    return blocks, PartInfo("code", "source files of the packages quantforge depends on",
+                            tuple(_origin(d) for d in dists), tuple(used))
+
+
+def _chat(declarations: list[tuple[str, str, str]]) -> tuple[list[Block], PartInfo]:
+    from pyjokes import get_jokes
+
+    blocks = []
+    for code, name in JOKE_LANGUAGES.items():
+        jokes = get_jokes(code, "all")
+        for i in range(0, len(jokes) - 2, 3):
+            messages = (("user", f"Tell me a programming joke in {name}."), ("assistant", jokes[i]),
+                        ("user", "Another one, please."), ("assistant", jokes[i + 1]),
+                        ("user", "One more!"), ("assistant", jokes[i + 2]))
+            blocks.append(Block("chat", _plain(messages), messages))
+    later = [d for d in declarations if d[0] != "en_Latn"][LANGUAGES_IN_TEXT:LANGUAGES_IN_TEXT + LANGUAGES_IN_CHAT]
+    for _, name, text in later:
+        messages = (("user", f"Quote the Universal Declaration of Human Rights in {name}."), ("assistant", text))
+        blocks.append(Block("chat", _plain(messages), messages))
+    return blocks, PartInfo("chat", "conversations: programming jokes in 12 languages, and the UDHR quoted in "
+                            f"{len(later)} further languages; rendered with the model's chat template when it has one",
+                            (_origin("pyjokes"), _origin("gflanguages")),
+                            (*JOKE_LANGUAGES, *(lid for lid, _, _ in later)))
+
+
+def _plain(messages: Sequence[tuple[str, str]]) -> str:
+    """A conversation for a model without a chat template: turns as plain text."""
+    return "\n".join(f"{role.capitalize()}: {content}" for role, content in messages)
+
+
+def _interleave(parts: Sequence[list[Block]]) -> tuple[Block, ...]:
+    """Every part's blocks spread evenly over the whole: block i of a part of n sits at (i + 0.5) / n."""
+    keyed = [((i + 0.5) / len(blocks), p, i, b) for p, blocks in enumerate(parts) for i, b in enumerate(blocks)]
+    return tuple(b for *_, b in sorted(keyed, key=lambda k: k[:3]))
+
+
+@functools.cache
+def build_mix() -> Mix:
+    """The mix, from the installed packages (the same packages and versions give the same text)."""
+    declarations = _declarations()
+    made = [_english(declarations), _languages(declarations), _code(), _chat(declarations)]
+    return Mix(_interleave([blocks for blocks, _ in made]), tuple(info for _, info in made),
+               {"udhr": UDHR_NOTE})
+
+
+def makeup(mix: Mix, tokens: Sequence[int] | None = None, window_tokens: Sequence[int] | None = None,
+           rendered: Sequence[str] | None = None) -> list[dict[str, object]]:
+    """Each part as the record names it: origins, characters and their share; with `tokens` (per block, under the
+    model's tokenizer) and `window_tokens` (per block, inside the calibration windows), tokens and their shares."""
+    texts = mix.texts(rendered)
+    out = []
+    total_chars = sum(map(len, texts))
+    total_tokens = sum(tokens) if tokens is not None else 0
+    total_window = sum(window_tokens) if window_tokens is not None else 0
+    for info in mix.parts:
+        idx = [i for i, b in enumerate(mix.blocks) if b.part == info.name]
+        chars = sum(len(texts[i]) for i in idx)
+        entry: dict[str, object] = {"name": info.name, "description": info.description,
+                                    "sources": [o.to_json() for o in info.origins], "contents": list(info.contents),
+                                    "characters": chars, "characters_share": round(chars / total_chars, 4)}
+        if tokens is not None:
+            n = sum(tokens[i] for i in idx)
+            entry |= {"tokens": n, "tokens_share": round(n / total_tokens, 4) if total_tokens else 0.0}
+        if window_tokens is not None:
+            n = sum(window_tokens[i] for i in idx)
+            entry |= {"window_tokens": n, "window_share": round(n / total_window, 4) if total_window else 0.0}
+        out.append(entry)
+    return out
