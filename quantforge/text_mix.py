@@ -168,7 +168,8 @@ def _english(declarations: list[tuple[str, str, str]]) -> tuple[list[Block], Par
     from pyjokes import get_jokes
 
     jokes = get_jokes("en", "all")
-    blocks = [Block("english", "\n".join(jokes[i:i + 12])) for i in range(0, len(jokes), 12)]
+    # blocks of a few jokes: a short part still reaches every stretch of the interleaved text
+    blocks = [Block("english", "\n".join(jokes[i:i + 4])) for i in range(0, len(jokes), 4)]
     blocks += [Block("english", text) for lid, _, text in declarations if lid == "en_Latn"]
     return blocks, PartInfo("english", "English prose: programmers' one-liners and the UDHR's English excerpt",
                             (_origin("pyjokes"), _origin("gflanguages")), ("English",))
@@ -183,7 +184,7 @@ def _languages(declarations: list[tuple[str, str, str]]) -> tuple[list[Block], P
 
 
 def _code() -> tuple[list[Block], PartInfo]:
-    blocks: list[Block] = []
+    files: list[list[Block]] = []
     used: dict[str, None] = {}
     dists: dict[str, None] = {}
     for language, dist, candidates, limit in CODE_FILES:
@@ -191,7 +192,7 @@ def _code() -> tuple[list[Block], PartInfo]:
         if path is None:  # another version of the package moved it: the record says what was used
             log.warning("builtin:%s: %s has none of %s; leaving it out", MIX_NAME, dist, ", ".join(candidates))
             continue
-        blocks += [Block("code", b) for b in _cut(path.read_text(encoding="utf-8"), limit)]
+        files.append([Block("code", b) for b in _cut(path.read_text(encoding="utf-8"), limit)])
         used[language] = None
         dists[dist] = None
     dist, folder, limit = FORTRAN_DIR
@@ -199,35 +200,38 @@ def _code() -> tuple[list[Block], PartInfo]:
     fortran = "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip()
                           for p in sorted(root.rglob("*.f90")))
     if fortran:
-        blocks += [Block("code", b) for b in _cut(fortran, limit)]
+        files.append([Block("code", b) for b in _cut(fortran, limit)])
         used["Fortran"] = None
         dists[dist] = None
+    blocks = _interleave(files)  # every language in every stretch, not the last files' at the end
     if not blocks:
         raise BadInputError(f"builtin:{MIX_NAME}: none of its source files is installed (numpy, torch, rich, "
                             "matplotlib): reinstall quantforge's dependencies")
-    return blocks, PartInfo("code", "source files of the packages quantforge depends on",
+    return list(blocks), PartInfo("code", "source files of the packages quantforge depends on",
                             tuple(_origin(d) for d in dists), tuple(used))
 
 
 def _chat(declarations: list[tuple[str, str, str]]) -> tuple[list[Block], PartInfo]:
     from pyjokes import get_jokes
 
-    blocks = []
+    kinds: list[list[Block]] = []
     for code, name in JOKE_LANGUAGES.items():
         jokes = get_jokes(code, "all")
+        kinds.append([])
         for i in range(0, len(jokes) - 2, 3):
             messages = (("user", f"Tell me a programming joke in {name}."), ("assistant", jokes[i]),
                         ("user", "Another one, please."), ("assistant", jokes[i + 1]),
                         ("user", "One more!"), ("assistant", jokes[i + 2]))
-            blocks.append(Block("chat", _plain(messages), messages))
+            kinds[-1].append(Block("chat", _plain(messages), messages))
     later = [d for d in declarations if d[0] != "en_Latn"][LANGUAGES_IN_TEXT:LANGUAGES_IN_TEXT + LANGUAGES_IN_CHAT]
+    kinds.append([])
     for _, name, text in later:
         messages = (("user", f"Quote the Universal Declaration of Human Rights in {name}."), ("assistant", text))
-        blocks.append(Block("chat", _plain(messages), messages))
-    return blocks, PartInfo("chat", "conversations: programming jokes in 12 languages, and the UDHR quoted in "
-                            f"{len(later)} further languages; rendered with the model's chat template when it has one",
-                            (_origin("pyjokes"), _origin("gflanguages")),
-                            (*JOKE_LANGUAGES, *(lid for lid, _, _ in later)))
+        kinds[-1].append(Block("chat", _plain(messages), messages))
+    what = (f"conversations: programming jokes in {len(JOKE_LANGUAGES)} languages, and the UDHR quoted in "
+            f"{len(later)} further languages; rendered with the model's chat template when it has one")
+    return list(_interleave(kinds)), PartInfo("chat", what, (_origin("pyjokes"), _origin("gflanguages")),
+                                              (*JOKE_LANGUAGES, *(lid for lid, _, _ in later)))
 
 
 def _plain(messages: Sequence[tuple[str, str]]) -> str:
