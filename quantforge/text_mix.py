@@ -158,7 +158,7 @@ def _declarations() -> list[tuple[str, str, str]]:
                 para = para.strip()
                 if para and not any(para in kept for kept in paras):
                     paras.append(para)
-        if sum(map(len, paras)) >= 400:  # a full sample, not a few words
+        if sum(map(len, paras)) >= 150:  # a sentence or more (some samples repeat one sentence), not a few words
             out.append((-lang.population, lang.id, lang.name, "\n".join(paras)))
     out.sort()
     return [(lid, name, text) for _, lid, name, text in out]
