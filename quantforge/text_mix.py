@@ -5,7 +5,7 @@ quantforge installs (no download at build time).
                Universal Declaration of Human Rights (gflanguages, Apache-2.0)
     languages  the Declaration's excerpts in the most-spoken languages gflanguages has a sample text for, English
                aside: Latin, Cyrillic, Han, Kana, Hangul, Arabic, Devanagari, Bengali, Tamil, Thai, Ethiopic...
-    code       source files of Python, C, C++, JavaScript and Fortran from numpy, torch, rich and matplotlib
+    code       source files of Python, C, C++, CUDA, JavaScript and Fortran from numpy, torch, rich and matplotlib
     chat       conversations (jokes in twelve languages, the Declaration in further languages), rendered through
                the source model's chat template when it has one (steps/calibration.py), else as plain turns
 
@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 
 MIX_NAME = "mix"
 LANGUAGES_IN_TEXT = 40  # the `languages` part: this many, by speakers
-LANGUAGES_IN_CHAT = 24  # the `chat` part's Declaration quotes: the next this many
+LANGUAGES_IN_CHAT = 16  # the `chat` part's Declaration quotes: the next this many
+# characters of each language's sample: a share, not the bulk, for an English-centric tokenizer spends up to
+# one token per byte on scripts it barely knows (SmolLM2: 1.5 tokens per character of the languages part)
+LANGUAGE_CHARS = 800
 BLOCK_CHARS = 3000  # code files are cut into blocks of about this size, at blank lines
 SEPARATOR = "\n\n"
 
@@ -45,11 +48,13 @@ UDHR_NOTE = "text of the UDHR, which the OHCHR lets anyone reproduce"
 # code: (language, distribution, candidate paths inside it (the first found is used), at most this many characters)
 CODE_FILES: tuple[tuple[str, str, tuple[str, ...], int], ...] = (
     ("Python", "rich", ("rich/table.py",), 30000),
+    ("Python", "rich", ("rich/text.py",), 24000),
     ("C", "numpy", ("numpy/_core/include/numpy/npy_math.h", "numpy/core/include/numpy/npy_math.h"), 16000),
     ("C", "numpy", ("numpy/_core/include/numpy/npy_common.h", "numpy/core/include/numpy/npy_common.h"), 14000),
     ("C++", "torch", ("torch/include/c10/util/string_view.h",), 16000),
     ("C++", "torch", ("torch/include/c10/core/ScalarType.h",), 10000),
     ("C++", "torch", ("torch/include/c10/util/irange.h",), 4000),
+    ("CUDA", "torch", ("torch/include/ATen/native/cuda/Reduce.cuh",), 24000),
     ("JavaScript", "matplotlib", ("matplotlib/backends/web_backend/js/mpl.js",), 20000),
 )
 FORTRAN_DIR = ("numpy", "numpy/f2py/tests/src", 12000)  # every .f90 under it, in path order, up to this many
@@ -158,8 +163,12 @@ def _declarations() -> list[tuple[str, str, str]]:
                 para = para.strip()
                 if para and not any(para in kept for kept in paras):
                     paras.append(para)
-        if sum(map(len, paras)) >= 150:  # a sentence or more (some samples repeat one sentence), not a few words
-            out.append((-lang.population, lang.id, lang.name, "\n".join(paras)))
+        text = "\n".join(paras)
+        if len(text) > LANGUAGE_CHARS:  # whole paragraphs, or the first one cut at a space
+            cut = text.rfind("\n", 0, LANGUAGE_CHARS)
+            text = text[:cut] if cut > LANGUAGE_CHARS // 2 else text[:text.rfind(" ", 0, LANGUAGE_CHARS)]
+        if len(text) >= 150:  # a sentence or more (some samples repeat one sentence), not a few words
+            out.append((-lang.population, lang.id, lang.name, text))
     out.sort()
     return [(lid, name, text) for _, lid, name, text in out]
 

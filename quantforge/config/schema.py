@@ -44,11 +44,11 @@ class CalibrationSettings(Strict):
     """`calibration`: the text GPTQ, AWQ and the GGUF importance matrix are calibrated on."""
 
     dataset: TextSpec = Field("builtin:mix", description="The same forms as `evaluation.dataset`. The default, "
-                              "`builtin:mix`, mixes English prose, text in about 70 languages and 18 scripts, code "
-                              "(Python, C, C++, JavaScript, Fortran) and chat turns rendered with the model's chat "
-                              "template, from packages quantforge installs (docs/formats.md, \"Calibration\"). "
-                              "Windows are cut from the end of the text, so that with the evaluation's text they do "
-                              "not overlap its windows (taken from its start).")
+                              "`builtin:mix`, mixes English prose, text in about 60 languages and 18 scripts, "
+                              "code (Python, C, C++, CUDA, JavaScript, Fortran) and chat turns rendered with the "
+                              "model's chat template, from packages quantforge installs (docs/formats.md, "
+                              "\"Calibration\"). Windows are cut from the end of the text, so that with the "
+                              "evaluation's text they do not overlap its windows (taken from its start).")
     samples: int = Field(128, ge=1, le=100000, description="Windows.")
     seq_len: int = Field(512, ge=16, le=32768, description="Tokens per window.")
 
