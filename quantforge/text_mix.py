@@ -113,12 +113,16 @@ class Mix:
         return "".join(self.texts(rendered))
 
 
+def _missing(dist: str) -> BadInputError:
+    return BadInputError(f"builtin:{MIX_NAME} reads text from the `{dist}` package, which is not installed: "
+                         f"install quantforge's dependencies (scripts/bootstrap.sh, or pip install {dist})")
+
+
 def _origin(dist: str) -> Origin:
     try:
         version = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
-        raise BadInputError(f"builtin:{MIX_NAME} reads text from the `{dist}` package, which is not installed: "
-                            "install quantforge's dependencies (scripts/bootstrap.sh)") from None
+        raise _missing(dist) from None
     return Origin(dist, version, LICENSES[dist])
 
 
@@ -152,7 +156,10 @@ def _cut(text: str, limit: int) -> list[str]:
 def _declarations() -> list[tuple[str, str, str]]:
     """(id, name, text) of each language with a sample text in gflanguages, most speakers first; the text is the
     sample's paragraphs (Declaration excerpts), each once."""
-    import gflanguages
+    try:
+        import gflanguages
+    except ImportError:
+        raise _missing("gflanguages") from None
 
     out = []
     for lang in gflanguages.LoadLanguages().values():
@@ -173,10 +180,16 @@ def _declarations() -> list[tuple[str, str, str]]:
     return [(lid, name, text) for _, lid, name, text in out]
 
 
-def _english(declarations: list[tuple[str, str, str]]) -> tuple[list[Block], PartInfo]:
-    from pyjokes import get_jokes
+def _jokes(language: str) -> list[str]:
+    try:
+        from pyjokes import get_jokes
+    except ImportError:
+        raise _missing("pyjokes") from None
+    return get_jokes(language, "all")
 
-    jokes = get_jokes("en", "all")
+
+def _english(declarations: list[tuple[str, str, str]]) -> tuple[list[Block], PartInfo]:
+    jokes = _jokes("en")
     # blocks of a few jokes: a short part still reaches every stretch of the interleaved text
     blocks = [Block("english", "\n".join(jokes[i:i + 4])) for i in range(0, len(jokes), 4)]
     blocks += [Block("english", text) for lid, _, text in declarations if lid == "en_Latn"]
@@ -221,11 +234,9 @@ def _code() -> tuple[list[Block], PartInfo]:
 
 
 def _chat(declarations: list[tuple[str, str, str]]) -> tuple[list[Block], PartInfo]:
-    from pyjokes import get_jokes
-
     kinds: list[list[Block]] = []
     for code, name in JOKE_LANGUAGES.items():
-        jokes = get_jokes(code, "all")
+        jokes = _jokes(code)
         kinds.append([])
         for i in range(0, len(jokes) - 2, 3):
             messages = (("user", f"Tell me a programming joke in {name}."), ("assistant", jokes[i]),

@@ -174,7 +174,8 @@ def test_an_importance_matrix_lowers_the_kld_of_q4_k_m_on_windows_it_was_not_com
     from the end of the builtin text, both scored on 16 x 512 evaluation windows from its start. (Measured: KLD
     0.0247 with the matrix, 0.0461 without; ΔPPL +3.8% and +8.3%.)"""
     (tmp_path / "targets.yaml").write_text(
-        "defaults:\n  publish: {to: 'dir:./out', namespace: t}\n  calibration: {samples: 32, seq_len: 512}\n"
+        "defaults:\n  publish: {to: 'dir:./out', namespace: t}\n"
+        "  calibration: {dataset: builtin, samples: 32, seq_len: 512}\n"  # the evaluation's text: windows kept apart
         "  evaluation: {ctx: 512, chunks: 16, max_ppl_increase: {gguf: 0.5}}\n"
         f"models:\n  - {{name: weighted, source: {smollm2_checkpoint}, formats: {{gguf: {{types: [Q4_K_M], "
         "imatrix: true}}}\n"

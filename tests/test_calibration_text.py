@@ -245,3 +245,18 @@ def test_the_card_shows_the_makeup(tmp_path):
     assert "(chat turns: the model's chat template)" in text
     assert calibration_text({"dataset": "builtin", "samples": 1, "seq_len": 1,
                              "text": {"sha256": "0" * 64, "characters": 1, "tokens": 1}}) is None
+
+
+def test_a_missing_source_package_is_named(monkeypatch):
+    import sys
+
+    from quantforge.errors import BadInputError
+
+    build_mix.cache_clear()
+    monkeypatch.setitem(sys.modules, "gflanguages", None)  # what `import gflanguages` meets when it is not installed
+    try:
+        with pytest.raises(BadInputError, match=r"builtin:mix reads text from the `gflanguages` package, which is not "
+                                                r"installed: .*pip install gflanguages"):
+            load_text(parse_text_source("builtin:mix"))
+    finally:
+        build_mix.cache_clear()
