@@ -212,8 +212,7 @@ def calibration_desc(calibration: dict[str, Any] | None) -> str:
     digest = f", sha256 `{text['sha256'][:12]}…`" if text.get("sha256") else ""
     parts = ""
     if text.get("parts"):  # builtin:mix: what the windows hold, by tokens
-        parts = "; " + ", ".join(f"{p['name']} {_share(p)}"
-                                 for p in text["parts"])
+        parts = "; " + ", ".join(f"{p['name']} {_share(p)}" for p in text["parts"])
     return (f"`{public_text_name(calibration['dataset'])}`{digest}, {calibration['samples']} samples of "
             f"{calibration['seq_len']} tokens{parts} (from the end of the text; evaluation windows come from its "
             "start)")
