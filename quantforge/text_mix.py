@@ -5,7 +5,7 @@ quantforge installs (no download at build time).
                Universal Declaration of Human Rights (gflanguages, Apache-2.0)
     languages  the Declaration's excerpts in the most-spoken languages gflanguages has a sample text for, English
                aside: Latin, Cyrillic, Han, Kana, Hangul, Arabic, Devanagari, Bengali, Tamil, Thai, Ethiopic...
-    code       source files of Python, C, C++, CUDA, JavaScript and Fortran from numpy, torch, rich and matplotlib
+    code       source files of Python, C, C++ and Fortran from rich, numpy and pybind11
     chat       conversations (jokes in twelve languages, the Declaration in further languages), rendered through
                the source model's chat template when it has one (steps/calibration.py), else as plain turns
 
@@ -40,22 +40,22 @@ BLOCK_CHARS = 3000  # code files are cut into blocks of about this size, at blan
 SEPARATOR = "\n\n"
 
 # (distribution, license as the package declares it)
-LICENSES = {"gflanguages": "Apache-2.0", "pyjokes": "BSD-3-Clause", "numpy": "BSD-3-Clause",
-            "torch": "BSD-3-Clause", "rich": "MIT", "matplotlib": "Matplotlib license (PSF-based, permissive)"}
+LICENSES = {"gflanguages": "Apache-2.0", "pyjokes": "BSD-3-Clause", "numpy": "BSD-3-Clause", "pybind11": "BSD-3-Clause",
+            "rich": "MIT"}
 # the UDHR's own terms: the OHCHR lets anyone reproduce and translate it freely
 UDHR_NOTE = "text of the UDHR, which the OHCHR lets anyone reproduce"
 
 # code: (language, distribution, candidate paths inside it (the first found is used), at most this many characters)
+# Only packages the nightly's light plan job installs too (templates/nightly.yml, LIGHT_PACKAGES): the plan keys
+# this text by its sha256, so a text that read torch's headers would key differently there than in the legs.
 CODE_FILES: tuple[tuple[str, str, tuple[str, ...], int], ...] = (
     ("Python", "rich", ("rich/table.py",), 30000),
     ("Python", "rich", ("rich/text.py",), 24000),
     ("C", "numpy", ("numpy/_core/include/numpy/npy_math.h", "numpy/core/include/numpy/npy_math.h"), 16000),
     ("C", "numpy", ("numpy/_core/include/numpy/npy_common.h", "numpy/core/include/numpy/npy_common.h"), 14000),
-    ("C++", "torch", ("torch/include/c10/util/string_view.h",), 16000),
-    ("C++", "torch", ("torch/include/c10/core/ScalarType.h",), 10000),
-    ("C++", "torch", ("torch/include/c10/util/irange.h",), 4000),
-    ("CUDA", "torch", ("torch/include/ATen/native/cuda/Reduce.cuh",), 24000),
-    ("JavaScript", "matplotlib", ("matplotlib/backends/web_backend/js/mpl.js",), 20000),
+    ("C++", "pybind11", ("pybind11/include/pybind11/stl.h",), 25000),
+    ("C++", "pybind11", ("pybind11/include/pybind11/functional.h",), 6000),
+    ("C++", "pybind11", ("pybind11/include/pybind11/numpy.h",), 30000),
 )
 FORTRAN_DIR = ("numpy", "numpy/f2py/tests/src", 12000)  # every .f90 under it, in path order, up to this many
 
@@ -127,8 +127,12 @@ def _origin(dist: str) -> Origin:
 
 
 def _locate(dist: str, candidates: Sequence[str]) -> Path | None:
+    try:
+        found = importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        raise _missing(dist) from None
     for rel in candidates:
-        path = Path(str(importlib.metadata.distribution(dist).locate_file(rel)))
+        path = Path(str(found.locate_file(rel)))
         if path.is_file():
             return path
     return None
@@ -227,8 +231,8 @@ def _code() -> tuple[list[Block], PartInfo]:
         dists[dist] = None
     blocks = _interleave(files)  # every language in every stretch, not the last files' at the end
     if not blocks:
-        raise BadInputError(f"builtin:{MIX_NAME}: none of its source files is installed (numpy, torch, rich, "
-                            "matplotlib): reinstall quantforge's dependencies")
+        raise BadInputError(f"builtin:{MIX_NAME}: none of its source files is installed (rich, numpy, pybind11): "
+                            "reinstall quantforge's dependencies")
     return list(blocks), PartInfo("code", "source files of the packages quantforge depends on",
                             tuple(_origin(d) for d in dists), tuple(used))
 

@@ -59,8 +59,7 @@ def test_each_part_holds_what_it_declares(mix):
     english = _scripts(by_part["english"])
     assert english["LATIN"] > 0.99 * sum(english.values()) and "Everyone has the right" in by_part["english"]
     code = by_part["code"]
-    markers = {"Python": "def __init__(", "C": "#define NPY_", "C++": "namespace c10", "CUDA": "__device__",
-               "JavaScript": "function (", "Fortran": "end subroutine"}
+    markers = {"Python": "def __init__(", "C": "#define NPY_", "C++": "template <typename", "Fortran": "end subroutine"}
     assert set(mix.parts[2].contents) == set(markers)
     for language, marker in markers.items():
         assert marker in code, language
@@ -77,7 +76,7 @@ def test_every_stretch_of_the_mix_holds_every_part(mix):
     for tail in (n // 4, n // 10):
         assert {b.part for b in mix.blocks[-tail:]} == set(PARTS)
     tail = "".join(b.text for b in mix.blocks[-n // 6:])
-    for marker in ("def ", "#define NPY_", "namespace c10", "threadIdx", "function (", "subroutine"):  # each language
+    for marker in ("def ", "#define NPY_", "template <", "subroutine"):  # every code language
         assert marker in tail, marker
     assert "Tell me a programming joke" in tail and "Quote the Universal Declaration" in tail
 

@@ -45,7 +45,7 @@ class CalibrationSettings(Strict):
 
     dataset: TextSpec = Field("builtin:mix", description="The same forms as `evaluation.dataset`. The default, "
                               "`builtin:mix`, mixes English prose, text in about 60 languages and 18 scripts, "
-                              "code (Python, C, C++, CUDA, JavaScript, Fortran) and chat turns rendered with the "
+                              "code (Python, C, C++, Fortran) and chat turns rendered with the "
                               "model's chat template, from packages quantforge installs (docs/formats.md, "
                               "\"Calibration\"). Windows are cut from the end of the text, so that with the "
                               "evaluation's text they do not overlap its windows (taken from its start).")
