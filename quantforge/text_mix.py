@@ -23,7 +23,7 @@ import functools
 import importlib.metadata
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadInputError
@@ -42,8 +42,6 @@ SEPARATOR = "\n\n"
 # (distribution, license as the package declares it)
 LICENSES = {"gflanguages": "Apache-2.0", "pyjokes": "BSD-3-Clause", "numpy": "BSD-3-Clause", "pybind11": "BSD-3-Clause",
             "rich": "MIT"}
-# the UDHR's own terms: the OHCHR lets anyone reproduce and translate it freely
-UDHR_NOTE = "text of the UDHR, which the OHCHR lets anyone reproduce"
 
 # code: (language, distribution, candidate paths inside it (the first found is used), at most this many characters)
 # Only packages the nightly's light plan job installs too (templates/nightly.yml, LIGHT_PACKAGES): the plan keys
@@ -97,7 +95,6 @@ class PartInfo:
 class Mix:
     blocks: tuple[Block, ...]
     parts: tuple[PartInfo, ...]
-    notes: dict[str, str] = field(default_factory=dict)
 
     def conversations(self) -> list[list[dict[str, str]]]:
         """The chat blocks' conversations, in order, as chat templates take them."""
@@ -274,8 +271,7 @@ def build_mix() -> Mix:
     """The mix, from the installed packages (the same packages and versions give the same text)."""
     declarations = _declarations()
     made = [_english(declarations), _languages(declarations), _code(), _chat(declarations)]
-    return Mix(_interleave([blocks for blocks, _ in made]), tuple(info for _, info in made),
-               {"udhr": UDHR_NOTE})
+    return Mix(_interleave([blocks for blocks, _ in made]), tuple(info for _, info in made))
 
 
 def makeup(mix: Mix, tokens: Sequence[int] | None = None, window_tokens: Sequence[int] | None = None,
