@@ -31,9 +31,9 @@ HUB_URL = "https://huggingface.co"  # repo links in cards and GGUF metadata name
 EXAMPLE_CHAT = ({"role": "user", "content": "What is the capital of France?"},
                 {"role": "assistant", "content": "The capital of France is Paris."})
 
-__all__ = ["CARD_FILE", "HUB_URL", "SourceFacts", "calibration_desc", "card_template_version", "chat_example",
-           "eval_desc", "hub_url", "measured", "public_text_name", "release_info", "render_card", "repo_id",
-           "source_facts"]
+__all__ = ["CARD_FILE", "HUB_URL", "SourceFacts", "calibration_desc", "calibration_text", "card_template_version",
+           "chat_example", "eval_desc", "hub_url", "measured", "public_text_name", "release_info", "render_card",
+           "repo_id", "source_facts"]
 
 
 def repo_id(model: ModelTarget, fmt: str) -> str:
@@ -208,5 +208,30 @@ def eval_desc(tokens: StepOutput | None) -> str:
 def calibration_desc(calibration: dict[str, Any] | None) -> str:
     if not calibration:
         return "-"
-    return (f"`{public_text_name(calibration['dataset'])}`, {calibration['samples']} samples of "
-            f"{calibration['seq_len']} tokens (from the end of the text; evaluation windows come from its start)")
+    text = calibration.get("text") or {}
+    digest = f", sha256 `{text['sha256'][:12]}…`" if text.get("sha256") else ""
+    parts = ""
+    if text.get("parts"):  # builtin:mix: what the windows hold, by tokens
+        parts = "; " + ", ".join(f"{p['name']} {_share(p)}" for p in text["parts"])
+    return (f"`{public_text_name(calibration['dataset'])}`{digest}, {calibration['samples']} samples of "
+            f"{calibration['seq_len']} tokens{parts} (from the end of the text; evaluation windows come from its "
+            "start)")
+
+
+def _share(part: dict[str, Any]) -> str:
+    """A part's share of the calibration windows' tokens (of its characters, before a tokenizer saw it)."""
+    return format_pct(part.get("window_share", part["characters_share"]), signed=False, digits=1)
+
+
+def calibration_text(calibration: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A mixed calibration text's make-up as cards show it (a table row per part); None for any other text."""
+    text = (calibration or {}).get("text") or {}
+    if not text.get("parts"):
+        return None
+    rows = [{"name": p["name"], "what": p["description"],
+             "contents": ", ".join(p.get("contents", [])),
+             "share": _share(p), "characters": format_pct(p["characters_share"], signed=False, digits=1),
+             "sources": ", ".join(f"{s['package']} {s['version']} ({s['license']})" for s in p["sources"])}
+            for p in text["parts"]]
+    return {"name": public_text_name(calibration["dataset"]), "sha256": text["sha256"], "chat": text.get("chat", ""),
+            "tokens": text.get("tokens"), "parts": rows}

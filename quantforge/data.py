@@ -1,7 +1,10 @@
 """Text for evaluation and calibration, and the token windows cut from it.
 
 Sources, as written in targets.yaml:
-    builtin                              Python's own documentation topics (pydoc_data): offline, no download
+    builtin                              Python's own documentation topics (pydoc_data): offline, no download;
+                                         the evaluation's default
+    builtin:mix                          English prose, several languages and scripts, code, chat turns, from
+                                         packages quantforge installs (text_mix.py): the calibration's default
     file:PATH[,PATH...]                  local text files (relative to the targets file)
     hf:REPO:CONFIG:SPLIT:COLUMN          a Hub dataset through the `datasets` library (CONFIG may be empty)
 """
@@ -18,10 +21,15 @@ import numpy as np
 
 from .errors import BadInputError
 
+# builtin texts by name ("" is plain `builtin`)
+BUILTIN_TEXTS = {"": "Python's documentation topics", "mix": "English prose, several languages and scripts, code "
+                 "and chat turns (text_mix.py)"}
+
 
 @dataclass(frozen=True)
 class TextSource:
     kind: str  # builtin | file | hf
+    name: str = ""  # a builtin text's: "" (the documentation topics) or "mix"
     paths: tuple[str, ...] = ()
     repo: str = ""
     config: str | None = None
@@ -30,9 +38,12 @@ class TextSource:
 
 
 def parse_text_source(spec: str) -> TextSource:
-    if spec == "builtin":
-        return TextSource("builtin")
     kind, _, rest = spec.partition(":")
+    if kind == "builtin":
+        if spec == "builtin" or (rest and rest in BUILTIN_TEXTS):
+            return TextSource("builtin", name=rest)
+        known = ", ".join(f"builtin{':' + n if n else ''} ({what})" for n, what in BUILTIN_TEXTS.items())
+        raise ValueError(f"no builtin text {rest!r}; there are {known}")
     if kind == "file" and rest:
         return TextSource("file", paths=tuple(p.strip() for p in rest.split(",") if p.strip()))
     if kind == "hf":
@@ -40,7 +51,7 @@ def parse_text_source(spec: str) -> TextSource:
         if len(parts) == 4 and parts[0] and parts[2] and parts[3]:
             return TextSource("hf", repo=parts[0], config=parts[1] or None, split=parts[2], column=parts[3])
         raise ValueError("expected hf:REPO:CONFIG:SPLIT:COLUMN (CONFIG may be empty: hf:REPO::SPLIT:COLUMN)")
-    raise ValueError("expected builtin, file:PATH[,PATH...] or hf:REPO:CONFIG:SPLIT:COLUMN")
+    raise ValueError("expected builtin, builtin:mix, file:PATH[,PATH...] or hf:REPO:CONFIG:SPLIT:COLUMN")
 
 
 def resolve_paths(source: TextSource, base_dir: Path) -> TextSource:
@@ -53,6 +64,10 @@ def resolve_paths(source: TextSource, base_dir: Path) -> TextSource:
 
 
 def load_text(source: TextSource) -> str:
+    if source.kind == "builtin" and source.name == "mix":
+        from .text_mix import build_mix
+
+        return build_mix().text()  # chat turns as plain text: the calibration step renders them per model
     if source.kind == "builtin":
         from pydoc_data.topics import topics
 

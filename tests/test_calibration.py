@@ -133,8 +133,14 @@ def test_imatrix_is_computed_once_mapped_to_every_tensor_and_changes_the_quantiz
 
     with_matrix = steps["imatrix/gguf/Q4_K_M:quantize"]["data"]
     without = steps["plain/gguf/Q4_K_M:quantize"]["data"]
-    assert with_matrix["imatrix"] == {"tensors": 7 * layers, "unmapped": [],
-                                      "calibration": {"dataset": "builtin", "samples": 8, "seq_len": 64}}
+    calibration = with_matrix["imatrix"]["calibration"]
+    assert with_matrix["imatrix"] == {"tensors": 7 * layers, "unmapped": [], "calibration": calibration}
+    # the default text, builtin:mix: its make-up and sha256 follow the matrix into the quantize step's record
+    text = steps["imatrix:calibration"]["data"]["text"]
+    assert calibration == {"dataset": "builtin:mix", "samples": 8, "seq_len": 64, "text": text}
+    assert [p["name"] for p in text["parts"]] == ["english", "languages", "code", "chat"]
+    assert text["chat"] == "plain turns (the model has no chat template)"  # llama.cpp's llama-bpe vocab has none
+    assert sum(p["window_tokens"] for p in text["parts"]) == 8 * 64
     assert without["imatrix"] is None
     log = Path(steps["imatrix/gguf/Q4_K_M:quantize"]["log"]).read_text()
     assert f"have importance matrix data with {7 * layers} entries" in log
@@ -147,7 +153,11 @@ def test_imatrix_is_computed_once_mapped_to_every_tensor_and_changes_the_quantiz
     assert a["token_embd.weight"] == b["token_embd.weight"]
     cards = [(root / "out" / "t" / f"{m}-GGUF" / "README.md").read_text() for m in ("imatrix", "plain")]
     assert (f"Importance matrix: Q4_K_M, IQ2_XXS were quantized with one, covering {7 * layers} weight matrices, "
-            "computed on `builtin`, 8 samples of 64 tokens") in cards[0]
+            f"computed on `builtin:mix`, sha256 `{text['sha256'][:12]}…`, 8 samples of 64 tokens") in cards[0]
+    assert "Calibration text: <code>builtin:mix</code>" in cards[0] and "gflanguages" in cards[0]
+    record = json.loads((root / "out" / "t" / "imatrix-GGUF" / "quantforge.json").read_text())
+    # quantforge.json carries the make-up (it writes keys sorted)
+    assert json.dumps(text["parts"], sort_keys=True) in json.dumps(record, sort_keys=True)
     assert "Importance matrix" not in cards[1]
     # a type llama.cpp refuses to make without a matrix: made with it, as IQ2_XXS proper (rows of 256)
     iq2 = steps["imatrix/gguf/IQ2_XXS:quantize"]["data"]
@@ -165,7 +175,8 @@ def test_an_importance_matrix_lowers_the_kld_of_q4_k_m_on_windows_it_was_not_com
     from the end of the builtin text, both scored on 16 x 512 evaluation windows from its start. (Measured: KLD
     0.0247 with the matrix, 0.0461 without; ΔPPL +3.8% and +8.3%.)"""
     (tmp_path / "targets.yaml").write_text(
-        "defaults:\n  publish: {to: 'dir:./out', namespace: t}\n  calibration: {samples: 32, seq_len: 512}\n"
+        "defaults:\n  publish: {to: 'dir:./out', namespace: t}\n"
+        "  calibration: {dataset: builtin, samples: 32, seq_len: 512}\n"  # the evaluation's text: windows kept apart
         "  evaluation: {ctx: 512, chunks: 16, max_ppl_increase: {gguf: 0.5}}\n"
         f"models:\n  - {{name: weighted, source: {smollm2_checkpoint}, formats: {{gguf: {{types: [Q4_K_M], "
         "imatrix: true}}}\n"

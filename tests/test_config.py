@@ -121,7 +121,7 @@ def test_calibration_defaults_and_overrides(write_targets):
     path = write_targets("defaults:\n  calibration: {samples: 16}\nmodels:\n  - name: m\n    source: org/m\n"
                          "    formats: {gptq: {seq_len: 128}, awq: {}}\n")
     model = load_targets(path).models[0]
-    assert (model.calibration.samples, model.calibration.seq_len, model.calibration.dataset) == (16, 512, "builtin")
+    assert (model.calibration.samples, model.calibration.seq_len, model.calibration.dataset) == (16, 512, "builtin:mix")
     assert model.formats.gptq.seq_len == 128 and model.formats.gptq.samples is None
     assert (model.formats.gptq.bits, model.formats.gptq.group_size, model.formats.gptq.desc_act) == (4, 128, False)
     assert (model.formats.awq.zero_point, model.formats.awq.bits) == (True, 4)

@@ -229,7 +229,7 @@ def eval_(artifact: Annotated[Path, typer.Argument(help="An artifact to measure:
           source: Annotated[str, typer.Option("--source", help="The model it was made from: a local folder or a "
                                               "Hub repo id.", show_default=False)],
           revision: Annotated[str, typer.Option("--revision", help="Hub revision of the source.")] = "main",
-          dataset: Annotated[str, typer.Option("--dataset", help="builtin | file:PATH | "
+          dataset: Annotated[str, typer.Option("--dataset", help="builtin | builtin:mix | file:PATH | "
                                                "hf:REPO:CONFIG:SPLIT:COLUMN")] = "builtin",
           ctx: Annotated[int, typer.Option("--ctx", help="Tokens per window.")] = 512,
           chunks: Annotated[int, typer.Option("--chunks", help="Number of windows.")] = 32,

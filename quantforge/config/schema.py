@@ -43,9 +43,12 @@ _TEMPLATE_FIELDS = frozenset({"model", "format", "FORMAT"})
 class CalibrationSettings(Strict):
     """`calibration`: the text GPTQ, AWQ and the GGUF importance matrix are calibrated on."""
 
-    dataset: TextSpec = Field("builtin", description="The same forms as `evaluation.dataset`. Windows are cut from "
-                              "the end of the text, so that with the evaluation's text they do not overlap its windows "
-                              "(taken from its start).")
+    dataset: TextSpec = Field("builtin:mix", description="The same forms as `evaluation.dataset`. The default, "
+                              "`builtin:mix`, mixes English prose, text in about 60 languages and 18 scripts, "
+                              "code (Python, C, C++, Fortran) and chat turns rendered with the "
+                              "model's chat template, from packages quantforge installs (docs/formats.md, "
+                              "\"Calibration\"). Windows are cut from the end of the text, so that with the "
+                              "evaluation's text they do not overlap its windows (taken from its start).")
     samples: int = Field(128, ge=1, le=100000, description="Windows.")
     seq_len: int = Field(512, ge=16, le=32768, description="Tokens per window.")
 
@@ -155,6 +158,7 @@ class EvaluationSettings(Strict):
     """`evaluation`: the perplexity / KL smoke test against the source model, and its gates."""
 
     dataset: TextSpec = Field("builtin", description="The text: `builtin` (Python's documentation topics, offline), "
+                              "`builtin:mix` (the calibration's default mix), "
                               "`file:a.txt[,b.txt]` (relative to the targets file) or `hf:REPO:CONFIG:SPLIT:COLUMN` "
                               "(a dataset on the Hub). Windows are cut from its start.")
     ctx: int = Field(512, ge=16, le=32768, description="Tokens per window (even); the second half of each is scored.")

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..card import calibration_desc, eval_desc, hub_url, measured, render_card
+from ..card import calibration_desc, calibration_text, eval_desc, hub_url, measured, render_card
 from ..chat_template import has_chat_template
 from ..config.schema import ModelTarget
 from ..core.formats import (
@@ -285,7 +285,8 @@ def render_checkpoint_card(card: CardInputs, fmt: CheckpointFormat) -> str:
         settings=", ".join(settings.card_settings()), size=format_size(q["size"]), **measured(q, g),
         source_ppl=f"{g['source_ppl']:.3f}" if "source_ppl" in g else "-",
         tokens_scored=g.get("tokens_scored", 0), eval_desc=eval_desc(card.tokens),
-        calibration=calibration_desc(q.get("calibration")), device=q.get("device", "?"),
+        calibration=calibration_desc(q.get("calibration")), calibration_text=calibration_text(q.get("calibration")),
+        device=q.get("device", "?"),
         quantize_minutes=f"{q.get('quantize_seconds', 0) / 60:.1f}",
         gptqmodel=built.output.tools.get("gptqmodel", "?"),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..card import calibration_desc, eval_desc, measured, render_card
+from ..card import calibration_desc, calibration_text, eval_desc, measured, render_card
 from ..core.formats import ReleaseInfo
 from ..core.step import StepOutput
 from ..figures import format_pct, format_size
@@ -56,6 +56,7 @@ def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOu
     arch = first_quant.data.get("architecture")
     sampling = sampling_defaults(source)
     matrix = imatrix_files(extras)
+    weighted = {t: q.data["imatrix"] for t, (q, _) in artifacts.items() if q.data.get("imatrix")}
     return render_card(
         CARD_TEMPLATE, source, namespace, "gguf", {"gguf", "llama.cpp", *([arch] if arch else [])},
         release or ReleaseInfo(),
@@ -67,7 +68,8 @@ def render_gguf_card(*, repo_id: str, model: str, namespace: str, source: StepOu
         noise_notes=noise_notes(by_size), removed=list(removed),
         converter=converter_desc(first_quant.data.get("converter")),
         libllama=first_quant.tools.get("libllama", "?"),
-        imatrix=_imatrix_desc({t: q.data["imatrix"] for t, (q, _) in artifacts.items() if q.data.get("imatrix")}),
+        imatrix=_imatrix_desc(weighted),
+        calibration_text=calibration_text(next(iter(weighted.values())).get("calibration") if weighted else None),
         imatrix_file=_imatrix_file(matrix[0]) if matrix else None,
         sampling=sampling, ollama_params=ollama_params(sampling),
         variants=variant_rows(repo_id, model, artifacts, matrix[0].data["file"] if matrix else None),

@@ -17,7 +17,8 @@ import numpy as np
 from ..config.schema import ModelTarget, Targets
 from ..core.registry import step_kind
 from ..core.step import PlanContext, Step, StepContext, StepOutput
-from ..data import cut_calibration, load_text, text_identity
+from ..data import cut_calibration, load_text, text_digest, text_identity
+from ..text_mix import MIX_NAME, build_mix, makeup
 from ..toolchains import tokenizer_worker
 from .evaluation import local_text_source
 
@@ -51,19 +52,36 @@ def calibration_step(model: ModelTarget, targets: Targets, source: Step, context
 
 # ------------------------------------------------------------------------------------------------ runners
 
-@step_kind("calibration", version="2")  # 2: BOS only when the tokenizer adds one
+# 2: BOS only when the tokenizer adds one; 3: the text's make-up and sha256 recorded, builtin:mix tokenized by block
+@step_kind("calibration", version="3")
 def run_calibration(step: Step, ctx: StepContext) -> dict[str, Any]:
-    text = load_text(local_text_source(step))
-    tokenized = tokenizer_worker.tokenize(Path(ctx.inputs["source"].data["path"]), [text], ctx.out_dir,
-                                          ctx.log_path)
-    [ids] = tokenized.ids
+    source = local_text_source(step)
+    source_dir = Path(ctx.inputs["source"].data["path"])
+    mix = build_mix() if source.kind == "builtin" and source.name == MIX_NAME else None
+    rendered, how = None, ""
+    if mix is not None:  # its chat turns as this model is prompted
+        rendered, how = tokenizer_worker.render_chats(source_dir, mix.conversations(), ctx.out_dir, ctx.log_path)
+    texts = mix.texts(rendered) if mix is not None else [load_text(source)]
+    # the mix block by block: no token straddles two parts, so each part's tokens can be counted
+    tokenized = tokenizer_worker.tokenize(source_dir, texts, ctx.out_dir, ctx.log_path)
+    ids = [i for block in tokenized.ids for i in block]
     windows, first = cut_calibration(ids, step.params["seq_len"], step.params["samples"], tokenized.window_bos,
                                      after=step.local.get("evaluation_tokens", 0))
+    text = "".join(texts)
+    record: dict[str, Any] = {"sha256": text_digest(text), "characters": len(text), "tokens": len(ids)}
+    if mix is not None:
+        ends = np.cumsum([len(block) for block in tokenized.ids])
+        in_windows = [int(end - max(end - len(block), first)) if end > first else 0
+                      for block, end in zip(tokenized.ids, ends, strict=True)]
+        record |= {"chat": how, "parts": makeup(mix, [len(b) for b in tokenized.ids], in_windows, rendered)}
     np.save(ctx.out_dir / CALIBRATION_FILE, windows)
     return {"text_tokens": len(ids), "samples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-            "first_token": first, "bos_id": tokenized.bos_id, "adds_bos": tokenized.adds_bos}
+            "first_token": first, "bos_id": tokenized.bos_id, "adds_bos": tokenized.adds_bos, "text": record}
 
 
 def calibration_settings(calibration: StepOutput) -> dict[str, Any]:
-    """The text, samples and window length a calibration step used, as cards and manifests describe them."""
-    return {k: calibration.params[k] for k in ("dataset", "samples", "seq_len")}
+    """The text, samples and window length a calibration step used, as cards and manifests describe them; with
+    the text's sha256 and (builtin:mix) its make-up, where the step recorded them."""
+    settings = {k: calibration.params[k] for k in ("dataset", "samples", "seq_len")}
+    text = calibration.data.get("text")
+    return {**settings, "text": text} if text else settings

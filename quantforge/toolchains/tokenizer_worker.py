@@ -2,6 +2,7 @@
 
     python -m quantforge.toolchains.tokenizer_worker --result FILE tokenize SRC --texts JSON
     python -m quantforge.toolchains.tokenizer_worker --result FILE chat SRC --messages JSON
+    python -m quantforge.toolchains.tokenizer_worker --result FILE chats SRC --conversations JSON
 
 Why a child: loading a tokenizer through transformers imports torch, which costs the process that does it about
 2 s to import, 0.4 GB resident and most of a second to exit. In a served worker (worker.ServedWorker) one build
@@ -67,6 +68,23 @@ def chat_example(source_dir: Path, messages: list[dict[str, str]]) -> str | None
     return text if isinstance(text, str) and text.strip() else None
 
 
+def render_chats(source_dir: Path, conversations: list[list[dict[str, str]]], scratch: Path,
+                 log_path: Path) -> tuple[list[str] | None, str]:
+    """Each conversation through the source's chat template, without a leading BOS (calibration windows start
+    with their own), and how they were rendered; None when the tokenizer has no template or it refuses a plain
+    user/assistant conversation (the caller then uses the turns as plain text)."""
+    request = scratch / "chats.request.json"
+    request.write_text(json.dumps(conversations, ensure_ascii=False), encoding="utf-8")
+    try:
+        result = run_worker(WORKER, ["chats", str(source_dir), "--conversations", str(request)], log_path,
+                            scratch / "chats.result.json", served=True)
+    finally:
+        request.unlink(missing_ok=True)
+    if not result.get("ok"):
+        raise SourceError(_message(result.get("error", "the tokenizer worker failed")))
+    return result["texts"], result["how"]
+
+
 def _message(error: str) -> str:
     """The worker's "SourceError: text" as the text alone (the parent raises the type itself)."""
     kind, sep, text = error.partition(": ")
@@ -117,6 +135,23 @@ def _chat(args: argparse.Namespace) -> dict[str, Any]:
     return {"ok": True, "text": tokenizer.apply_chat_template(messages, tokenize=False)}
 
 
+def _chats(args: argparse.Namespace) -> dict[str, Any]:
+    tokenizer = load_tokenizer(args.source)
+    if not tokenizer.chat_template:
+        return {"ok": True, "texts": None, "how": "plain turns (the model has no chat template)"}
+    conversations = json.loads(args.conversations.read_text(encoding="utf-8"))
+    bos = tokenizer.bos_token or ""
+    texts = []
+    for messages in conversations:
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as exc:  # jinja raises TemplateError, and a template may raise anything it likes
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            return {"ok": True, "texts": None, "how": f"plain turns (the chat template refused them: {first})"}
+        texts.append(text[len(bos):] if bos and text.startswith(bos) else text)
+    return {"ok": True, "texts": texts, "how": "the model's chat template"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tokenizer_worker")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("chat")
     c.add_argument("source", type=Path)
     c.add_argument("--messages", type=Path, required=True)
-    return serve(parser, {"tokenize": _tokenize, "chat": _chat}, argv)
+    m = sub.add_parser("chats")
+    m.add_argument("source", type=Path)
+    m.add_argument("--conversations", type=Path, required=True)
+    return serve(parser, {"tokenize": _tokenize, "chat": _chat, "chats": _chats}, argv)
 
 
 if __name__ == "__main__":
