@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo: SmolLM2-135M-Instruct -> verified GGUF files (Q8_0, Q4_K_M, Q5_K_M, Q6_K, Q4_0, F16) in
+# The demo: SmolLM2-135M-Instruct -> verified GGUF files (Q8_0, Q4_K_M, Q5_K_M, Q6_K, Q4_0, F16, Q3_K_XL) in
 # demo/out/, on a CPU. Run it again: nothing is rebuilt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
