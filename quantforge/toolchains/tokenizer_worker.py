@@ -44,15 +44,7 @@ class Tokenized:
 
 def tokenize(source_dir: Path, texts: list[str], scratch: Path, log_path: Path) -> Tokenized:
     """Token ids of each text under the source's tokenizer; SourceError naming a broken tokenizer file."""
-    request = scratch / "tokenize.request.json"
-    request.write_text(json.dumps({"texts": texts}, ensure_ascii=False), encoding="utf-8")
-    try:
-        result = run_worker(WORKER, ["tokenize", str(source_dir), "--texts", str(request)], log_path,
-                            scratch / "tokenize.result.json", served=True)
-    finally:
-        request.unlink(missing_ok=True)
-    if not result.get("ok"):
-        raise SourceError(_message(result.get("error", "the tokenizer worker failed")))
+    result = _ask("tokenize", source_dir, "--texts", {"texts": texts}, scratch, log_path)
     return Tokenized(result["ids"], result["bos_id"], result["adds_bos"])
 
 
@@ -73,16 +65,22 @@ def render_chats(source_dir: Path, conversations: list[list[dict[str, str]]], sc
     """Each conversation through the source's chat template, without a leading BOS (calibration windows start
     with their own), and how they were rendered; None when the tokenizer has no template or it refuses a plain
     user/assistant conversation (the caller then uses the turns as plain text)."""
-    request = scratch / "chats.request.json"
-    request.write_text(json.dumps(conversations, ensure_ascii=False), encoding="utf-8")
+    result = _ask("chats", source_dir, "--conversations", conversations, scratch, log_path)
+    return result["texts"], result["how"]
+
+
+def _ask(command: str, source_dir: Path, flag: str, request: object, scratch: Path, log_path: Path) -> dict:
+    """One request to the served worker, its JSON payload in a file; SourceError naming what it refused."""
+    path = scratch / f"{command}.request.json"
+    path.write_text(json.dumps(request, ensure_ascii=False), encoding="utf-8")
     try:
-        result = run_worker(WORKER, ["chats", str(source_dir), "--conversations", str(request)], log_path,
-                            scratch / "chats.result.json", served=True)
+        result = run_worker(WORKER, [command, str(source_dir), flag, str(path)], log_path,
+                            scratch / f"{command}.result.json", served=True)
     finally:
-        request.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
     if not result.get("ok"):
         raise SourceError(_message(result.get("error", "the tokenizer worker failed")))
-    return result["texts"], result["how"]
+    return result
 
 
 def _message(error: str) -> str:
