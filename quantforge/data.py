@@ -3,8 +3,9 @@
 Sources, as written in targets.yaml:
     builtin                              Python's own documentation topics (pydoc_data): offline, no download;
                                          the evaluation's default
-    builtin:mix                          English prose, several languages and scripts, code, chat turns, from
-                                         packages quantforge installs (text_mix.py): the calibration's default
+    builtin:mix                          English prose, several languages and scripts, code, chat turns, taken
+                                         from packages on the index and shipped frozen (text_mix.py): the
+                                         calibration's default
     file:PATH[,PATH...]                  local text files (relative to the targets file)
     hf:REPO:CONFIG:SPLIT:COLUMN          a Hub dataset through the `datasets` library (CONFIG may be empty)
 """
