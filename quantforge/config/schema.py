@@ -45,8 +45,8 @@ class CalibrationSettings(Strict):
 
     dataset: TextSpec = Field("builtin:mix", description="The same forms as `evaluation.dataset`. The default, "
                               "`builtin:mix`, mixes English prose, text in about 60 languages and 18 scripts, "
-                              "code (Python, C, C++, Fortran) and chat turns rendered with the "
-                              "model's chat template, from packages quantforge installs (docs/formats.md, "
+                              "code (Python, C, C++, Fortran) and chat turns rendered with the model's chat "
+                              "template, taken from packages on the index and shipped frozen (docs/formats.md, "
                               "\"Calibration\"). Windows are cut from the end of the text, so that with the "
                               "evaluation's text they do not overlap its windows (taken from its start).")
     samples: int = Field(128, ge=1, le=100000, description="Windows.")
