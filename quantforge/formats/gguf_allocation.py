@@ -73,8 +73,9 @@ def allocate(profile: Mapping[str, Any], budget: Mapping[str, Any]) -> Allocatio
     room = limit - baseline["fixed_bytes"] - ALIGNMENT * profile["tensors"]
     cost = [[type_bytes(t, g.elements) for t in g.ladder] for g in groups]
     loss = [increases(data, baseline["kld"]) for data in profile["groups"]]
-    smallest = baseline["fixed_bytes"] + ALIGNMENT * profile["tensors"] + sum(min(c) for c in cost)
-    if room < sum(min(c) for c in cost):
+    cheapest = sum(min(c) for c in cost)
+    if room < cheapest:
+        smallest = limit - room + cheapest
         raise BudgetTooSmall(f"a budget of {format_size(limit)} is below the smallest file this search makes for the "
                              f"model, {format_size(smallest)} (every group at its cheapest type): raise it")
     choice = knapsack(cost, loss, room)

@@ -13,6 +13,7 @@ from .gguf_chart import CHART_FILE
 from .gguf_frontier import format_kld
 from .gguf_recipes import Recipe
 from .gguf_release import imatrix_files, ollama_params, sampling_defaults
+from .gguf_settings import budget_words
 
 CARD_TEMPLATE = "gguf_card.md.jinja"
 # what llama.cpp, Ollama and LM Studio pick when no type is asked for, in order; else the first type listed
@@ -157,12 +158,10 @@ def search_line(search: dict[str, Any] | None) -> str | None:
     """How a searched variant's types were chosen, in a sentence (gguf_allocation.py)."""
     if not search:
         return None
-    budget = search["budget"]
-    within = f"{budget['bpw']:g} bits per weight" if "bpw" in budget else format_size(budget["size"])
-    return (f"Types searched within {within}: {search['groups']} groups of tensors (a kind of tensor in a band of "
-            f"layers), each quantized alone and measured against the full-precision file on calibration windows "
-            f"(never the evaluation's), {search['runs']} quantize+evaluate runs in {search['search_seconds']:g} s; "
-            "then the mix with the least predicted KL divergence that fits.")
+    return (f"Types searched within {budget_words(search['budget'])}: {search['groups']} groups of tensors "
+            "(a kind of tensor in a band of layers), each quantized alone and measured against the full-precision "
+            f"file on calibration windows (never the evaluation's), {search['runs']} quantize+evaluate runs in "
+            f"{search['search_seconds']:g} s; then the mix with the least predicted KL divergence that fits.")
 
 
 def variant_rows(repo_id: str, model: str, artifacts: dict[str, tuple[StepOutput, StepOutput]],

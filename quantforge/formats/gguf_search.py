@@ -31,10 +31,11 @@ from ..core.step import Step, StepContext
 from ..steps.calibration import CALIBRATION_FILE
 from ..toolchains import llamacpp
 from ..toolchains.gguf_header import TensorInfo, read_header
+from ..toolchains.gguf_header import tensor_bytes as type_bytes
 from ..toolchains.llamacpp import TensorTypes
 from . import gguf_costs
 from .gguf_imatrix import IMATRIX_FILE
-from .gguf_recipes import EMBEDDINGS, OUTPUT, quantizable
+from .gguf_recipes import EMBEDDINGS, KV_MAX, OUTPUT, TENSOR_TYPES, quantizable
 from .gguf_release import INTERMEDIATE_FILE
 
 SENSITIVITY_KIND = "gguf.sensitivity"
@@ -76,14 +77,6 @@ class Group:
     def from_json(cls, data: dict[str, Any]) -> Group:
         return cls(data["name"], data["role"], tuple(data["layers"]), tuple(data["tensors"]), data["elements"],
                    tuple(data["ladder"]))
-
-
-def type_bytes(qtype: str, elements: int) -> int:
-    """What `elements` weights take in a ggml type (its blocks: gguf-py's GGML_QUANT_SIZES)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
-    return elements // block * size
 
 
 def bits(qtype: str) -> float:
@@ -128,7 +121,8 @@ def tensor_groups(tensors: Sequence[TensorInfo], bands: int = BANDS) -> list[Gro
     return groups
 
 
-PATTERN_BYTES = 120  # a rule is written into the file as PATTERN=TYPE, in a GGUF string of at most 127 bytes
+# a rule is written into the file as PATTERN=TYPE, in a GGUF string of at most KV_MAX bytes
+PATTERN_BYTES = KV_MAX - 1 - max(map(len, TENSOR_TYPES))
 
 
 def layer_patterns(role: str, layers: Sequence[int]) -> list[str]:
@@ -171,7 +165,8 @@ def run_sensitivity(step: Step, ctx: StepContext) -> dict[str, Any]:
     header = read_header(intermediate)
     groups = tensor_groups(header.tensors, step.params["bands"])
     windows = ctx.out_dir / "windows.npy"
-    np.save(windows, np.load(ctx.inputs["calibration"].file(CALIBRATION_FILE))[:step.params["windows"]])
+    scored = np.load(ctx.inputs["calibration"].file(CALIBRATION_FILE))[:step.params["windows"]]
+    np.save(windows, scored)
     imatrix = None
     if "imatrix" in ctx.inputs:
         converter = llamacpp.provision_converter(ctx.options.llama_cpp_dir)
@@ -206,5 +201,5 @@ def run_sensitivity(step: Step, ctx: StepContext) -> dict[str, Any]:
     return {"groups": measured, "baseline": {"type": step.params["baseline"], "kld": baseline,
                                              "size": baseline_size, "fixed_bytes": fixed},
             "n_params": sum(t.n_elements for t in header.tensors), "tensors": len(header.tensors),
-            "windows": int(np.load(windows).shape[0]), "runs": runs,
+            "windows": int(scored.shape[0]), "runs": runs,
             "seconds": round(time.perf_counter() - started, 1)}

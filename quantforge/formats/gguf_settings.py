@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -113,7 +113,12 @@ class Budget(BaseModel):
         return {"bpw": self.bpw} if self.bpw is not None else {"size": parse_size(self.size or 0)}
 
     def describe(self) -> str:
-        return f"{self.bpw:g} bits per weight" if self.bpw is not None else format_size(parse_size(self.size or 0))
+        return budget_words(self.to_params())
+
+
+def budget_words(params: Mapping[str, float | int]) -> str:
+    """A budget as its step's parameters hold it ({"bpw": 4.5} or {"size": bytes}), in words: cards say it so."""
+    return f"{params['bpw']:g} bits per weight" if "bpw" in params else format_size(int(params["size"]))
 
 
 class VariantSettings(BaseModel):

@@ -152,15 +152,22 @@ def read_header(path: Path) -> GGUFHeader:
     return GGUFHeader(metadata, tensors, data_start)
 
 
+def tensor_bytes(type_name: str, elements: int) -> int:
+    """What `elements` weights take in a ggml type (its blocks: gguf-py's GGML_QUANT_SIZES)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    return elements // block * type_size
+
+
 def _check_data_fits(tensors: list[TensorInfo], data_start: int, size: int, path: Path) -> None:
     """A file cut short (a copy or download that stopped) is refused here, not when llama.cpp fails to load it."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import GGMLQuantizationType
 
     for t in tensors:
         if t.type_name not in GGMLQuantizationType.__members__:
             continue
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[t.type_name]]
-        end = data_start + t.offset + t.n_elements // block * type_size
+        end = data_start + t.offset + tensor_bytes(t.type_name, t.n_elements)
         if end > size:
             raise CorruptGGUF(f"{path.name}: truncated GGUF: tensor {t.name!r} ends at byte {end}, past the end of the "
                               f"file ({size} bytes)")
